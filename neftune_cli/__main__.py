@@ -1,0 +1,3 @@
+from neftune_cli.cli import main
+
+main()

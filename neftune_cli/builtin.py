@@ -1,0 +1,274 @@
+"""Builtin models, built locally: no hub, no internet (``model.name_or_path: builtin:tiny-llama``).
+
+``builtin:tiny-llama`` is a ~1M-parameter Llama with a byte-level BPE tokenizer trained on the demo data
+(``neftune_cli.demo_data``) and the Alpaca prompt strings. It exists so ``make demo`` and the tests run a
+real fine-tuning job in about a minute on a small CPU.
+
+The model is materialised into ``$NEFTUNE_CACHE`` (default ``~/.cache/neftune-cli``) under
+``builtin/<name>-v<VERSION>``:
+
+- idempotent: a complete folder (it holds ``MARKER``) is reused as is;
+- atomic: it is built in a temporary folder beside the final one and renamed into place, so a crash never
+  leaves a half-built model, and two processes racing both end with a valid folder (the loser of the race
+  drops its copy and uses the winner's);
+- deterministic: the same bytes every time. The tokenizer trainer is deterministic, and the weights do not
+  come from torch's RNG (whose normal() differs between CPU kernels): each tensor is filled from SHAKE-256
+  of its name, turned into uniform values with exact IEEE operations only. Bump ``VERSION`` whenever
+  anything that changes the bytes changes (this module or ``demo_data``).
+
+Like Llama, the tokenizer prepends ``<s>`` and does not append ``</s>``; its ChatML chat template also
+starts with ``{{ bos_token }}`` (like Llama-2-chat), so code that renders the template and then tokenizes
+with ``add_special_tokens=True`` gets a double BOS: the data code must handle that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from neftune_cli.errors import UsageError
+
+PREFIX = "builtin:"
+VERSION = 1
+MARKER = "neftune-builtin.json"  # written last: a folder without it is not a complete model
+STALE_TMP_S = 3600  # temporary folders older than this are leftovers of a crash
+
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IM_START, IM_END]  # ids 0..5, Llama order for unk/bos/eos
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+MODELS: dict[str, dict] = {
+    "tiny-llama": {
+        "vocab_target": 1536,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "initializer_range": 0.02,
+    },
+}
+
+
+def available() -> str:
+    return ", ".join(PREFIX + n for n in MODELS)
+
+
+def _unknown(name: str) -> UsageError:
+    return UsageError(f"model.name_or_path: unknown builtin model '{name}'; available: {available()}")
+
+
+def cache_root() -> Path:
+    env = os.environ.get("NEFTUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "neftune-cli"
+
+
+def folder_name(name: str) -> str:
+    return f"{name}-v{VERSION}"
+
+
+def resolve(name_or_path: str) -> str:
+    """``builtin:NAME`` -> its local folder (materialised on first use); anything else unchanged."""
+    if not name_or_path.startswith(PREFIX):
+        return name_or_path
+    return str(materialize(name_or_path[len(PREFIX) :]))
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def materialize(name: str, root: Path | None = None) -> Path:
+    """The folder of builtin model ``name`` under ``root`` (default: ``cache_root()``), built if missing."""
+    if name not in MODELS:
+        raise _unknown(name)
+    base = Path(root).expanduser() if root is not None else cache_root()
+    parent = base / "builtin"
+    final = parent / folder_name(name)
+    if is_complete(final):
+        return final
+    parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(parent)
+    tmp = parent / f".tmp-{folder_name(name)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _build(name, tmp)
+        if final.exists() and not is_complete(final):
+            # Not ours (we only ever rename complete folders into place): move it aside, do not trust it.
+            try:
+                final.rename(parent / f".tmp-broken-{folder_name(name)}-{uuid.uuid4().hex[:8]}")
+            except OSError:
+                pass
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not is_complete(final):  # lost a race only if the winner left a complete folder
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _clean_stale(parent: Path) -> None:
+    now = time.time()
+    for p in parent.glob(".tmp-*"):
+        try:
+            if now - p.stat().st_mtime > STALE_TMP_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def tokenizer_corpus() -> list[str]:
+    """The texts the tokenizer is trained on: the demo records in the Alpaca prompt, and the template strings."""
+    from neftune_cli import demo_data
+
+    texts = [
+        PROMPT_INPUT,
+        PROMPT_NO_INPUT,
+        "### Instruction:\n",
+        "### Input:\n",
+        "### Response:\n",
+        "system\nuser\nassistant\n",
+    ]
+    for r in demo_data.train_records():
+        template = PROMPT_INPUT if r["input"] else PROMPT_NO_INPUT
+        texts.append(template.format(**r) + r["output"])
+    return texts
+
+
+def _build(name: str, out: Path) -> None:
+    spec = MODELS[name]
+    out.mkdir(parents=True)
+    tok = _build_tokenizer(spec["vocab_target"])
+    tok.save_pretrained(out)
+    _build_model(spec, tok, out)
+    # Last: the marker says the folder is complete. Deterministic content (no timestamps).
+    info = {"name": name, "version": VERSION, "source": "neftune_cli.builtin"}
+    (out / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0",
+        pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+        special_tokens=[(BOS, bos_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1024,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+        add_bos_token=True,
+        add_eos_token=False,
+    )
+
+
+def _uniform_(tensor, key: str, bound: float) -> None:
+    """Fill ``tensor`` with uniform values in (-bound, bound) derived from SHAKE-256(key): same bits everywhere.
+
+    24-bit integers are exact in float64, ``(k + 0.5) / 2**24 * 2 - 1`` is exact, and the final multiply and
+    the float32 cast are correctly rounded IEEE operations, so no platform-dependent math is involved.
+    """
+    import torch
+
+    n = tensor.numel()
+    raw = hashlib.shake_256(key.encode("utf-8")).digest(4 * n)
+    ints = torch.frombuffer(bytearray(raw), dtype=torch.int32).to(torch.int64) & 0xFFFFFF
+    unit = (ints.to(torch.float64) + 0.5) / float(1 << 24) * 2.0 - 1.0
+    with torch.no_grad():
+        tensor.copy_((unit * bound).to(tensor.dtype).view_as(tensor))
+
+
+def _build_model(spec: dict, tok, out: Path) -> None:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    vocab = -(-len(tok) // 8) * 8
+    pad_id, bos_id, eos_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    im_end_id = tok.convert_tokens_to_ids(IM_END)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"],
+        num_key_value_heads=spec["num_key_value_heads"],
+        max_position_embeddings=spec["max_position_embeddings"],
+        initializer_range=spec["initializer_range"],
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    # Uniform with the configured standard deviation: bound = std * sqrt(3).
+    bound = spec["initializer_range"] * 3**0.5
+    with torch.no_grad():
+        for pname, param in sorted(model.named_parameters()):
+            if pname.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                _uniform_(param, f"neftune-builtin/{VERSION}/{pname}", bound)
+        model.get_input_embeddings().weight[pad_id].zero_()
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos_id,
+        eos_token_id=[eos_id, im_end_id],
+        pad_token_id=pad_id,
+    )
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of a CLI run
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,179 @@
+"""The `neftune` command: parse arguments, load the recipe, dispatch, and map errors to exit codes.
+
+No work happens here; each command calls one module (recipe, data, train, merge).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+import typer
+
+try:  # recent typer vendors click; its usage errors live there
+    from typer._click.exceptions import ClickException
+except ImportError:
+    from click import ClickException
+
+from neftune_cli import __version__
+from neftune_cli.console import err, out, stdout_is_tty
+from neftune_cli.data.cli import app as data_app
+from neftune_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, NeftuneError
+from neftune_cli.recipe import load_recipe
+
+app = typer.Typer(
+    name="neftune",
+    help="Instruction fine-tuning with paper-faithful NEFTune noise: validate, preview data, train, merge.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(data_app, name="data", help="Inspect how a recipe's data is tokenized and masked.")
+
+RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. train.lr=1e-4. Repeatable.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"neftune-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+) -> None:
+    """neftune: fine-tune open LLMs from the shell. Exit codes: 0 ok, 1 runtime failure, 2 bad usage/recipe/data,
+    130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
+
+
+@app.command()
+def validate(
+    recipe: Path = RecipeArg,
+    set_: list[str] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the resolved recipe and provenance as JSON."),
+) -> None:
+    """Check a recipe and print every value it resolves to, with where it came from (default/recipe/--set).
+
+    Example: neftune validate recipes/llama2-alpaca.yaml --set train.lr=1e-4
+    """
+    loaded = load_recipe(recipe, set_)
+    resolved = loaded.recipe.model_dump(mode="json")
+    if as_json:
+        out.print_json(json.dumps({"recipe": resolved, "provenance": loaded.provenance}))
+        return
+    width = max(len(k) for k in loaded.provenance)
+    for key, source in loaded.provenance.items():
+        value = json.dumps(_lookup(resolved, key))
+        if stdout_is_tty():
+            style = {"default": "dim", "recipe": "", "--set": "bold yellow"}[source]
+            out.print(f"{key:<{width}}  {value}  [{style}]({source})[/]" if style else f"{key:<{width}}  {value}  ({source})")
+        else:
+            out.print(f"{key:<{width}}  {value}  ({source})", markup=False)
+    out.print(f"ok: {recipe} is valid", markup=False)
+
+
+def _lookup(tree, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+    return tree
+
+
+@app.command()
+def train(
+    recipe: Path = RecipeArg,
+    set_: list[str] = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output.dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing output.dir and start over."),
+    force: bool = typer.Option(False, "--force", help="Resume even if the recipe, data or tokenizer changed."),
+) -> None:
+    """Fine-tune as the recipe says; writes checkpoints, metrics.jsonl and final/ to output.dir.
+
+    Example: neftune train recipes/demo.yaml --set train.max_steps=50
+    """
+    from neftune_cli.train import run_training
+
+    if resume and overwrite:
+        raise typer.BadParameter("--resume and --overwrite exclude each other")
+    loaded = load_recipe(recipe, set_)
+    again = ["neftune", "train", str(recipe), *[f"--set {shlex.quote(s)}" for s in set_ or []], "--resume"]
+    run_training(loaded, resume=resume, overwrite=overwrite, force=force, resume_command=" ".join(again))
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Argument(..., help="Run dir (uses final/), checkpoint dir, or any PEFT LoRA adapter dir."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the merged model (must not exist)."),
+    base: str = typer.Option(None, "--base", help="Base model id or folder (default: from adapter_config.json)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto|bfloat16|float16|float32 (auto: the base's dtype)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
+    device: str = typer.Option("cpu", "--device", help="cpu|cuda: where the merge and the verification run."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip comparing merged and adapter logits."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+) -> None:
+    """Fold a LoRA adapter into its base model: a plain HF model that loads anywhere.
+
+    Example: neftune merge runs/demo --out merged/demo
+    """
+    from neftune_cli.console import log
+    from neftune_cli.merge import merge as merge_adapter
+
+    if dtype not in {"auto", "bfloat16", "float16", "float32"}:
+        raise typer.BadParameter(f"--dtype {dtype}: expected auto, bfloat16, float16 or float32")
+    if device not in {"cpu", "cuda"}:
+        raise typer.BadParameter(f"--device {device}: expected cpu or cuda")
+    result = merge_adapter(
+        adapter, out_dir, base=base, dtype=dtype, max_shard_size=max_shard_size, device=device,
+        verify=not no_verify, overwrite=overwrite, log=log,
+    )
+    out.print(f"merged model written to {result.out}", markup=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app and turn every failure into one line and an exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("NEFTUNE_DEBUG") == "1"
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="neftune", standalone_mode=False) or 0
+    except NeftuneError as e:
+        code = _report(e, f"error: {e}", e.exit_code, debug)
+    except typer.Exit as e:
+        code = e.exit_code
+    except typer.Abort:
+        code = EXIT_SIGINT
+    except ClickException as e:  # usage errors from argument parsing
+        if debug:
+            traceback.print_exc()
+        e.show(file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        code = _report(None, "interrupted", EXIT_SIGINT, debug)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        code = _report(e, f"error: {type(e).__name__}: {e}".splitlines()[0] + _hint(e), EXIT_RUNTIME, debug)
+    sys.exit(code)
+
+
+def _report(exc: BaseException | None, message: str, code: int, debug: bool) -> int:
+    if debug and exc is not None:
+        traceback.print_exception(exc)
+    err.print(message, markup=False)
+    if not debug and code == EXIT_RUNTIME:
+        err.print("(run with --debug for the traceback)", markup=False)
+    return code
+
+
+def _hint(e: Exception) -> str:
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return (" - hint: lower train.micro_batch_size (raise grad_accum to keep the batch), set"
+                " train.gradient_checkpointing: true, or lower data.max_seq_len")
+    return ""

@@ -1,0 +1,21 @@
+"""Where output goes: results on stdout, logs and errors on stderr; rich only when it is a terminal.
+
+Shell scripts get plain lines (no colour, no progress bars, no wrapping); people at a terminal get rich.
+"""
+
+import sys
+
+from rich.console import Console
+
+# Results (validate's recipe, stats, previews) go to stdout so they can be piped; logs go to stderr.
+out = Console(soft_wrap=True, highlight=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def log(message: str) -> None:
+    """A plain log line on stderr (markup off, so brackets in data are printed as they are)."""
+    err.print(message, markup=False)

@@ -1,0 +1,116 @@
+"""The data fingerprint and the tokenized-data cache under ``$NEFTUNE_CACHE/data/<fingerprint>/``.
+
+The fingerprint covers everything that affects the tokens and nothing else: the data section (minus
+num_proc and cache, and with source paths replaced by their files' content hashes, so moving the data keeps
+it), the seed, the tokenizer (vocabulary and pipeline, special tokens, chat template, BOS behaviour) and
+``PIPELINE_VERSION``. It keys the cache and lets resume refuse a changed dataset.
+
+Entries are written into a temporary folder beside the final one and renamed into place, so a crash or two
+concurrent runs never leave a half-written entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from neftune_cli.builtin import cache_root
+from neftune_cli.data.report import Report
+from neftune_cli.data.sources import Source
+from neftune_cli.data.tokenize import Encoder
+from neftune_cli.recipe import DataSection, stable_hash
+
+# Bump when tokenization, masking or the report format changes: old entries then stop matching.
+PIPELINE_VERSION = 1
+STALE_TMP_S = 3600  # temporary folders older than this are leftovers of a crashed write
+REPORT = "report.json"
+
+
+def tokenizer_identity(encoder: Encoder) -> str:
+    tokenizer = encoder.tokenizer
+    return stable_hash(
+        {
+            "backend": stable_hash(tokenizer.backend_tokenizer.to_str()),
+            "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+            "chat_template": tokenizer.chat_template,
+            "adds_bos": encoder.adds_bos,
+            "split_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False)),
+        }
+    )
+
+
+def fingerprint(data: DataSection, train: list[Source], held: list[Source], encoder: Encoder, seed: int) -> str:
+    # on_bad_record is left out: it decides whether bad records stop the run, not which examples there are.
+    section = data.model_dump(mode="json", exclude={"num_proc", "cache", "on_bad_record", "sources", "eval_sources"})
+    section["sources"] = [_source_key(s) for s in train]
+    section["eval_sources"] = [_source_key(s) for s in held]
+    # The seed only picks the held-out examples and the weighted samples; without those it changes nothing.
+    seeded = data.eval_fraction is not None or data.eval_size is not None or any(s.weight for s in data.sources)
+    return stable_hash(
+        {
+            "version": PIPELINE_VERSION,
+            "data": section,
+            "seed": seed if seeded else None,
+            "tokenizer": tokenizer_identity(encoder),
+        }
+    )
+
+
+def _source_key(source: Source) -> dict:
+    spec = source.spec.model_dump(mode="json", exclude={"path"})
+    return {**spec, "content": source.identity()}
+
+
+def entry(fp: str) -> Path:
+    return cache_root() / "data" / fp
+
+
+def load(fp: str):
+    """(train, eval, report) from a complete cache entry, or None."""
+    import datasets
+
+    folder = entry(fp)
+    if not (folder / REPORT).is_file():
+        return None
+    report = Report.from_dict(json.loads((folder / REPORT).read_text(encoding="utf-8")))
+    train = datasets.load_from_disk(str(folder / "train"))
+    held = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
+    return train, held, report
+
+
+def save(fp: str, train, held, report: Report) -> Path:
+    """Write an entry atomically; returns its folder (an existing complete entry is kept as it is)."""
+    final = entry(fp)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(final.parent)
+    tmp = final.parent / f".tmp-{fp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        train.save_to_disk(str(tmp / "train"))
+        if held is not None:
+            held.save_to_disk(str(tmp / "eval"))
+        # Last: the report marks the entry complete.
+        (tmp / REPORT).write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
+        if final.exists() and not (final / REPORT).is_file():
+            shutil.rmtree(final, ignore_errors=True)  # not ours (we only rename complete entries into place)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / REPORT).is_file():  # lost a race only if the winner left a complete entry
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _clean_stale(parent: Path) -> None:
+    now = time.time()
+    for p in parent.glob(".tmp-*"):
+        try:
+            if now - p.stat().st_mtime > STALE_TMP_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass

@@ -1,0 +1,65 @@
+"""Load tokenizers and models named by a recipe (hub id, local folder or builtin)."""
+
+from __future__ import annotations
+
+import torch
+
+from neftune_cli import builtin
+from neftune_cli.errors import UsageError
+from neftune_cli.recipe import ModelSection, Recipe
+
+
+def model_path(model: ModelSection) -> str:
+    """The local folder or hub id to load; builtin models are materialised on first use."""
+    return builtin.resolve(model.name_or_path)
+
+
+def load_tokenizer(model: ModelSection):
+    from transformers import AutoTokenizer
+
+    path = model_path(model)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    except OSError as e:
+        raise UsageError(f"model.name_or_path: cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(recipe: Recipe, device: torch.device):
+    """The model to train: the base in the recipe's dtype, wrapped with LoRA unless finetune is full."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = recipe.model
+    path = model_path(spec)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"model.name_or_path: cannot load {path}: {str(e).splitlines()[0]}") from None
+    if spec.rope_scaling is not None:
+        config.rope_scaling = spec.rope_scaling
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=resolve_dtype(spec.dtype, device),
+        attn_implementation=spec.attn_implementation, trust_remote_code=spec.trust_remote_code,
+    ).to(device)
+    if recipe.train.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (our inputs_embeds carry no grad under LoRA)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = recipe.lora_or_none
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    peft_config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as e:
+        raise UsageError(f"lora: {str(e).splitlines()[0]}") from None

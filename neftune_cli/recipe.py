@@ -1,0 +1,442 @@
+"""The recipe: one typed schema, loading from YAML, ``--set`` overrides and provenance.
+
+The pydantic models below are the single source of truth for every key, its default, its validation and
+its documentation (``Field(description=...)`` feeds ``neftune validate`` and the README's recipe reference).
+Unknown keys are errors at every depth, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from neftune_cli.errors import RecipeError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        description="Hub id, local folder, or `builtin:tiny-llama` (a small model built locally for demos and tests)."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weight and compute dtype. auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Only when you trust it.")
+    rope_scaling: dict[str, Any] | None = Field(
+        None, description="Passed to the model config, e.g. {type: linear, factor: 2}."
+    )
+
+
+class SourceSection(Section):
+    # The record fields that `fields` can rename: the names neftune_cli.data.formats reads.
+    FIELD_NAMES: ClassVar[tuple[str, ...]] = (
+        "instruction", "input", "output", "system", "conversations", "from", "value", "messages", "role", "content"
+    )
+
+    path: str = Field(description="Hub dataset id, a .json/.jsonl/.parquet/.csv file, or a folder of them.")
+    format: Literal["alpaca", "sharegpt", "messages", "auto"] = Field(
+        "auto",
+        description="alpaca: instruction/input/output(/system); sharegpt: conversations of {from, value}; "
+        "messages: messages of {role, content}; auto detects it from the records and logs what it picked.",
+    )
+    fields: dict[str, str] | None = Field(
+        None,
+        description="Column renames, our name -> name in the file, e.g. {instruction: question, output: answer}. "
+        "Our names: instruction, input, output, system, conversations, from, value, messages, role, content.",
+    )
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Use at most this many records (the first ones, bad records included)."
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Resampling factor for this source's training examples (seeded by train.seed): 2 repeats every "
+        "example twice, 0.5 keeps a random half, 1.5 keeps all plus a random half. Realised counts are reported.",
+    )
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, fields: dict[str, str] | None) -> dict[str, str] | None:
+        unknown = sorted(set(fields or {}) - set(cls.FIELD_NAMES))
+        if unknown:
+            raise ValueError(f"unknown field name {', '.join(unknown)}; our names are {', '.join(cls.FIELD_NAMES)}")
+        return fields
+
+
+class DataSection(Section):
+    sources: list[SourceSection] = Field(min_length=1, description="Training data; several are concatenated.")
+    eval_sources: list[SourceSection] = Field(
+        default_factory=list, description="Held-out data for eval loss (instead of eval_fraction/eval_size)."
+    )
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of the training examples (seeded) for eval loss."
+    )
+    eval_size: int | None = Field(None, ge=1, description="Hold out this many training examples for eval loss.")
+    template: Literal["alpaca", "chat", "custom"] = Field(
+        "alpaca",
+        description="alpaca: the Stanford Alpaca prompt (a record's system text replaces its first sentence; a "
+        "conversation must be one user/assistant exchange); chat: the tokenizer's chat template; "
+        "custom: the jinja template in data.chat_template. Under chat/custom an alpaca record becomes "
+        "[system, user: instruction + blank line + input, assistant: output].",
+    )
+    chat_template: str | None = Field(None, description="Jinja chat template, used when template is custom.")
+    max_seq_len: int = Field(512, ge=8, description="Longest example in tokens.")
+    overlength: Literal["truncate", "drop"] = Field(
+        "truncate", description="Longer examples: truncate (keep the start) or drop. Both are counted."
+    )
+    train_on: Literal["all_turns", "last_turn"] = Field(
+        "all_turns", description="Which assistant turns of a conversation are trained."
+    )
+    train_on_inputs: bool = Field(False, description="Train on every real token, prompts included.")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="error: stop at the first bad record (exit 2); skip: skip and report them."
+    )
+    num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
+    cache: bool = Field(
+        True,
+        description="Reuse the tokenized data from $NEFTUNE_CACHE/data/<fingerprint> when nothing that affects "
+        "the tokens changed; false: always tokenize, write nothing.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSection:
+        if self.template == "custom" and not self.chat_template:
+            raise ValueError("template is custom but data.chat_template is empty; give a jinja template")
+        if self.template != "custom" and self.chat_template:
+            raise ValueError(f"data.chat_template is set but template is {self.template}; set template: custom")
+        held_out = [k for k in ("eval_fraction", "eval_size") if getattr(self, k) is not None]
+        if self.eval_sources:
+            held_out.append("eval_sources")
+        if len(held_out) > 1:
+            raise ValueError(f"choose one of {', '.join(held_out)}")
+        weighted = [str(i) for i, s in enumerate(self.eval_sources) if s.weight is not None]
+        if weighted:
+            raise ValueError(f"data.eval_sources[{', '.join(weighted)}].weight: weights apply to training sources only")
+        return self
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator: scale = alpha / r (rsLoRA: alpha / sqrt(r)).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="all-linear (every linear layer but the output head) or a list of module names."
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head]."
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+
+
+class NeftuneSection(Section):
+    alpha: float | None = Field(5.0, ge=0, description="NEFTune noise alpha; 0 or null: no noise. Paper: 5, 10, 15.")
+    scale: Literal["paper", "hf"] = Field(
+        "paper",
+        description="paper: noise scaled by each example's own length (padding/packing-proof); "
+        "hf: transformers' formula (padded length), to reproduce HF-based runs.",
+    )
+
+
+class TrainSection(Section):
+    epochs: int = Field(3, ge=1, description="Passes over the training data (unless max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null: no clipping.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps of linear warmup.")
+    batching: Literal["pack", "pad"] = Field(
+        "pack",
+        description="pack: each micro-batch is one padding-free row (attention does not cross examples); "
+        "pad: pad to the longest, length-grouped.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(0, description="Seed for initialisation, data order, dropout and noise.")
+    log_every: int = Field(10, ge=1, description="Steps between log lines / metrics records.")
+    eval_every: int | None = Field(None, ge=1, description="Steps between eval-loss runs (and one at the end).")
+    save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (and one at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+
+
+class OutputSection(Section):
+    dir: str = Field(description="Run directory (relative to the current working directory).")
+
+
+class Recipe(Section):
+    model: ModelSection
+    data: DataSection
+    finetune: Literal["lora", "full"] = Field("lora", description="lora: train a LoRA adapter; full: all weights.")
+    lora: LoraSection | None = Field(default_factory=LoraSection, description="LoRA settings (finetune: lora).")
+    neftune: NeftuneSection = Field(default_factory=NeftuneSection, description="NEFTune noise.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Optimisation and the loop.")
+    output: OutputSection
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.finetune == "full" and self.lora is not None and "lora" in self.model_fields_set:
+            raise ValueError("finetune is full but a lora section is given; remove it or set lora: null")
+        if self.finetune == "lora" and self.lora is None:
+            raise ValueError("lora is null; set finetune: full for full fine-tuning")
+        return self
+
+    @property
+    def lora_or_none(self) -> LoraSection | None:
+        return self.lora if self.finetune == "lora" else None
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe with where it came from and where each value came from."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    recipe: Recipe
+    path: Path
+    provenance: dict[str, str]  # dotted key -> "default" | "recipe" | "--set"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
+    """Read, override, validate and resolve a recipe file. Raises RecipeError with one line per problem."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"YAML syntax error at {line}{problem}", where) from None
+    except UnicodeDecodeError:
+        raise RecipeError("not a UTF-8 text file", where) from None
+    if raw is None:
+        raise RecipeError("the file is empty; a recipe needs at least model, data and output sections", where)
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe is a mapping of sections (model, data, ...), not a {type(raw).__name__}", where)
+
+    set_keys = []
+    for item in overrides or []:
+        set_keys.append(apply_override(raw, item))
+    recipe = validate(raw, where)
+    recipe = resolve_paths(recipe, path.parent, where)
+    provenance = {}
+    recipe_leaves = set(_leaves(raw))
+    for key in _leaves(recipe.model_dump(mode="json")):
+        if any(key == k or key.startswith(k + ".") for k in set_keys):
+            provenance[key] = "--set"
+        elif key in recipe_leaves:
+            provenance[key] = "recipe"
+        else:
+            provenance[key] = "default"
+    return LoadedRecipe(recipe=recipe, path=path.resolve(), provenance=provenance)
+
+
+def validate(raw: dict, where: str | None = None) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError([_describe(err) for err in e.errors()], where) from None
+
+
+def resolve_paths(recipe: Recipe, base_dir: Path, where: str | None = None) -> Recipe:
+    """Make local paths absolute against the recipe's folder; check that local data files exist.
+
+    A source path that exists locally is a file; one that looks like a hub id (``org/name``, no file
+    extension) is left for the hub; anything else is a missing file and an error now, not after model loading.
+    """
+    recipe = recipe.model_copy(deep=True)
+    problems = []
+    model_path = recipe.model.name_or_path
+    if not model_path.startswith(BUILTIN_PREFIX):
+        local = _local(model_path, base_dir)
+        if local is not None:
+            recipe.model.name_or_path = str(local)
+        elif _looks_like_path(model_path):
+            problems.append(f"model.name_or_path: folder not found: {model_path} (resolved against {base_dir})")
+    for section in ("sources", "eval_sources"):
+        for i, source in enumerate(getattr(recipe.data, section)):
+            local = _local(source.path, base_dir)
+            if local is not None:
+                source.path = str(local)
+            elif _looks_like_path(source.path):
+                problems.append(f"data.{section}[{i}].path: file not found: {source.path} (resolved against {base_dir})")
+    if problems:
+        raise RecipeError(problems, where)
+    return recipe
+
+
+def _local(path: str, base_dir: Path) -> Path | None:
+    p = Path(path).expanduser()
+    p = p if p.is_absolute() else base_dir / p
+    return p.resolve() if p.exists() else None
+
+
+def _looks_like_path(path: str) -> bool:
+    """Hub ids are ``name`` or ``org/name`` without a file extension; everything else is meant as a path."""
+    if path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1:
+        return True
+    return Path(path).suffix.lower() in {".json", ".jsonl", ".parquet", ".csv", ".yaml", ".txt"}
+
+
+# --- overrides -------------------------------------------------------------------------------------
+
+
+def apply_override(raw: dict, item: str) -> str:
+    """Apply one ``--set a.b.c=value`` to the raw recipe dict (value parsed as YAML). Returns the key."""
+    key, sep, value_text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError:
+        raise RecipeError(f"--set {key}: the value {value_text!r} is not valid YAML") from None
+    parts = key.split(".")
+    model: type[BaseModel] | None = Recipe
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        dotted = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {key}: {dotted} is not an index of a list of {len(node)}")
+            index = int(part)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if model is None or part not in model.model_fields:
+            options = list(model.model_fields) if model else []
+            raise RecipeError(f"--set {key}: no such key {dotted}{_suggest(part, options, parts[:depth])}")
+        field_model = _section_model(model, part)
+        if last:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            node = child
+            model = field_model
+    return key
+
+
+def _section_model(model: type[BaseModel], name: str) -> type[BaseModel] | None:
+    """The pydantic model of a section field (also inside list[...] / X | None), or None for a leaf."""
+    annotation = model.model_fields[name].annotation
+    stack = [annotation]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+        stack.extend(getattr(t, "__args__", ()))
+    return None
+
+
+# --- error messages --------------------------------------------------------------------------------
+
+
+def _describe(err: dict) -> str:
+    loc = err.get("loc", ())
+    key = _dotted(loc)
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        options = list(parent.model_fields) if parent else []
+        return f"unknown key {key}{_suggest(str(loc[-1]), options, loc[:-1])}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    value = err.get("input")
+    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "a mapping"
+    message = err.get("msg", "invalid")
+    message = message.removeprefix("Value error, ")
+    if not key:
+        return message
+    return f"{key}: {message} (got {shown})"
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        # pydantic adds the union member name to loc (e.g. 'list[str]', 'literal[...]'); skip those
+        if isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"}):
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        if part not in model.model_fields:
+            return None
+        model = _section_model(model, part)
+    return model
+
+
+def _suggest(name: str, options: list[str], parent: tuple | list) -> str:
+    if not parent:
+        # a section key written at the top level, e.g. `lr: 1e-4` instead of `train.lr`
+        for section in options:
+            sub = _section_model(Recipe, section)
+            if sub and name in sub.model_fields:
+                return f" (did you mean `{section}.{name}`?)"
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    if not close:
+        return f"; valid keys: {', '.join(options)}" if options else ""
+    prefix = ".".join(str(p) for p in parent if not isinstance(p, int))
+    return f" (did you mean `{prefix + '.' if prefix else ''}{close[0]}`?)"
+
+
+def _leaves(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict) and tree:
+        out = []
+        for k, v in tree.items():
+            out += _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(tree, list) and tree and all(isinstance(x, dict) for x in tree):
+        out = []
+        for i, v in enumerate(tree):
+            out += _leaves(v, f"{prefix}.{i}")
+        return out
+    return [prefix]
+
+
+# --- serialisation and hashes ----------------------------------------------------------------------
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def stable_hash(obj: Any) -> str:
+    """Hash of a JSON-able object, independent of key order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,325 @@
+"""The training recipe, top to bottom: data, model, optimizer, the loop, checkpoints, the summary.
+
+One optimizer step = `grad_accum` micro-batches. The loss of a step is the sum of the token losses over all of
+its micro-batches divided by the number of trained tokens in all of them, so every trained token weighs the same
+whatever the batching (a mean of per-micro-batch means would overweight short micro-batches).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neftune_cli import __version__
+from neftune_cli.batching import IGNORE, collate_pack, collate_pad, plan_epoch
+from neftune_cli.checkpoint import RunDir, atomic_dir, load_checkpoint, save_checkpoint, save_model, write_text_atomic
+from neftune_cli.console import log, out, stdout_is_tty
+from neftune_cli.data import prepare
+from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RuntimeFailure, UsageError
+from neftune_cli.loss import CausalLMLoss, attention_stays_within_examples
+from neftune_cli.modeling import load_model, load_tokenizer
+from neftune_cli.progress import Progress
+from neftune_cli.recipe import LoadedRecipe, Recipe, recipe_to_yaml, stable_hash
+
+# Keys that may change between a run and its resume without changing the result.
+RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_last")
+
+
+@dataclass
+class Schedule:
+    """How the recipe's epochs become optimizer steps."""
+
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, recipe: Recipe, n_examples: int) -> Schedule:
+        t = recipe.train
+        micro = math.ceil(n_examples / t.micro_batch_size)
+        per_epoch = math.ceil(micro / t.grad_accum)
+        total = t.max_steps or t.epochs * per_epoch
+        return cls(micro, per_epoch, total, math.ceil(t.warmup_ratio * total))
+
+    def lr_factor(self, kind: str, step: int) -> float:
+        """LR multiplier before optimizer step `step` (0-based), as transformers' schedulers define it."""
+        if step < self.warmup_steps:
+            return step / max(1, self.warmup_steps)
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+
+def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
+                 resume_command: str = "neftune train RECIPE --resume") -> dict:
+    """Train as the recipe says. Returns the final summary (also printed)."""
+    recipe = loaded.recipe
+    t = recipe.train
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = RunDir(Path(recipe.output.dir))
+    resume_from = run.prepare(resume=resume, overwrite=overwrite)
+    seed_everything(t.seed)
+
+    # --- data ---
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare(recipe, tokenizer, log=log)
+    log(f"data: {data.report.summary()}")
+    tokenizer_hash = hash_tokenizer(tokenizer)
+    if resume_from is not None:
+        check_resumable(resume_from, recipe, data.fingerprint, tokenizer_hash, force)
+    lengths = data.train["length"]
+    schedule = Schedule.of(recipe, len(lengths))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def collate(examples):
+        return collate_pack(examples) if t.batching == "pack" else collate_pad(examples, pad_id)
+
+    # --- model and optimizer ---
+    model = load_model(recipe, device)
+    trainer = CausalLMLoss(model, recipe.neftune.alpha, recipe.neftune.scale)
+    if t.batching == "pack" and not attention_stays_within_examples(trainer):
+        raise UsageError(f"train.batching: pack needs attention that stays within each packed example, and "
+                         f"{recipe.model.name_or_path} with attn_implementation {recipe.model.attn_implementation} "
+                         f"lets examples see each other; use batching: pad or attn_implementation: flash_attention_2")
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    log(f"model: {n_total / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trained "
+        f"({recipe.finetune}), {next(model.parameters()).dtype}, {device}")
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule.lr_factor(t.schedule, s))
+    noise_generator = torch.Generator(device=device).manual_seed(t.seed + 1)
+
+    start_step = 0
+    if resume_from is not None:
+        state, _ = load_checkpoint(resume_from, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"], noise_generator)
+        start_step = state["step"]
+        run.truncate_metrics(start_step)
+        log(f"resume: from {resume_from} (step {start_step} of {schedule.total_steps})")
+    else:
+        write_text_atomic(run.root / "recipe.yaml", recipe_to_yaml(recipe))
+        write_text_atomic(run.root / "data_report.json", json.dumps(data.report.to_dict(), indent=2))
+    log(f"train: {schedule.total_steps} steps of {t.grad_accum} x {t.micro_batch_size} examples "
+        f"({t.batching}), {len(lengths)} examples, noise alpha {recipe.neftune.alpha or 0} ({recipe.neftune.scale})")
+
+    meta = {"recipe": recipe.model_dump(mode="json"), "data_fingerprint": data.fingerprint,
+            "tokenizer_hash": tokenizer_hash, "version": __version__}
+
+    def checkpoint(step: int) -> Path:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng_state(noise_generator), "step": step}
+        return save_checkpoint(run, step, model, state, {**meta, "step": step}, t.keep_last)
+
+    def micro_batches(step: int) -> list[list[int]]:
+        """Example indices of the micro-batches of optimizer step `step` (1-based)."""
+        epoch, k = divmod(step - 1, schedule.steps_per_epoch)
+        plan = plan_epoch(lengths, t.micro_batch_size, seed=t.seed, epoch=epoch, group_by_length=t.batching == "pad")
+        return plan[k * t.grad_accum:(k + 1) * t.grad_accum]
+
+    def rows(indices: list[int]) -> list[dict]:
+        batch = data.train[indices]
+        return [{"input_ids": i, "labels": lab} for i, lab in zip(batch["input_ids"], batch["labels"], strict=True)]
+
+    # --- the loop ---
+    metrics_file = run.metrics.open("a", encoding="utf-8")
+    progress = Progress(schedule.total_steps, start_step, enabled=stdout_is_tty())
+
+    def run_eval(step: int) -> float:
+        eval_loss = evaluate(trainer, data.eval, collate, t.micro_batch_size, device)
+        write_metrics(metrics_file, {"step": step, "eval_loss": eval_loss})
+        progress.print(f"step {step}: eval_loss {eval_loss:.4f}")
+        return eval_loss
+    started = window_start = time.perf_counter()
+    window_tokens = 0
+    last = {}
+    step = start_step
+    try:
+        with stop_on_signals() as stop, progress:
+            if data.eval is not None and start_step == 0:  # the baseline the run is judged against
+                run_eval(0)
+            model.train()
+            while step < schedule.total_steps:
+                step += 1
+                batches = [{k: v.to(device) for k, v in collate(rows(mb)).items()} for mb in micro_batches(step)]
+                n_trained = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+                n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                               for b in batches)
+                loss_sum, norms = 0.0, []
+                for b in batches:
+                    loss, _, noise = trainer(**b, generator=noise_generator)
+                    (loss / max(n_trained, 1)).backward()
+                    loss_sum += loss.item()
+                    if noise is not None:
+                        norms.append(noise)
+                step_loss = loss_sum / max(n_trained, 1)
+                if not math.isfinite(step_loss):
+                    good = run.latest_checkpoint()
+                    raise RuntimeFailure(
+                        f"loss is {step_loss} at step {step}; stopped before updating the weights. Last good "
+                        f"checkpoint: {good or 'none'}. Try a lower train.lr or train.max_grad_norm")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                window_tokens += n_tokens
+
+                now = time.perf_counter()
+                last = {"step": step, "epoch": round(step / schedule.steps_per_epoch, 4),
+                        "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
+                        "trained_tokens": n_trained,
+                        "noise_norm": float(torch.cat(norms).mean()) if norms else 0.0}
+                progress.update(step, last)
+                if step % t.log_every == 0 or step == schedule.total_steps:
+                    record = {**last, "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                              "elapsed_s": now - started}
+                    write_metrics(metrics_file, record)
+                    progress.log(format_record(record))
+                    window_start, window_tokens = now, 0
+                if data.eval is not None and ((t.eval_every and step % t.eval_every == 0)
+                                              or step == schedule.total_steps):
+                    last["eval_loss"] = run_eval(step)
+                if (t.save_every and step % t.save_every == 0) or step == schedule.total_steps:
+                    checkpoint(step)
+                if stop.signum is not None and step < schedule.total_steps:
+                    where = checkpoint(step)
+                    code = EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
+                    raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} after step {step}; "
+                                      f"checkpoint {where}. Resume with: {resume_command}", code)
+    except torch.OutOfMemoryError:
+        raise RuntimeFailure(
+            "CUDA out of memory - lower train.micro_batch_size (raise grad_accum to keep the batch), set "
+            "train.gradient_checkpointing: true, or lower data.max_seq_len") from None
+    finally:
+        metrics_file.close()
+
+    save_final(run, model, tokenizer)
+    summary = {"steps": step, "elapsed_s": round(time.perf_counter() - started, 1),
+               "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"), "final": str(run.final)}
+    out.print(f"done: {step} steps in {summary['elapsed_s']}s, final loss {fmt(summary['final_loss'])}, "
+              f"eval loss {fmt(summary['eval_loss'])}; {'adapter' if recipe.finetune == 'lora' else 'model'} "
+              f"in {run.final}", markup=False)
+    if recipe.finetune == "lora":
+        out.print(f"next: neftune merge {run.root} --out merged/{run.root.name}", markup=False)
+    return summary
+
+
+def evaluate(trainer: CausalLMLoss, dataset, collate, batch_size: int, device: torch.device) -> float:
+    """Mean token loss over the eval set: eval mode (no dropout, no noise), no gradients."""
+    trainer.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            chunk = dataset[start:start + batch_size]
+            examples = [{"input_ids": i, "labels": lab} for i, lab in zip(chunk["input_ids"], chunk["labels"], strict=True)]
+            loss, n, _ = trainer(**{k: v.to(device) for k, v in collate(examples).items()})
+            total, count = total + loss.item(), count + n
+    trainer.train()
+    return total / max(count, 1)
+
+
+def save_final(run: RunDir, model, tokenizer) -> None:
+    with atomic_dir(run.final) as tmp:
+        save_model(model, tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def check_resumable(folder: Path, recipe: Recipe, data_fingerprint: str, tokenizer_hash: str, force: bool) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    changes = []
+    before, now = flatten(meta["recipe"]), flatten(recipe.model_dump(mode="json"))
+    for key in sorted(set(before) | set(now)):
+        if key not in RESUME_SAFE_KEYS and before.get(key) != now.get(key):
+            changes.append(f"{key}: {json.dumps(before.get(key))} -> {json.dumps(now.get(key))}")
+    if meta["tokenizer_hash"] != tokenizer_hash:
+        changes.append("the tokenizer changed")
+    elif meta["data_fingerprint"] != data_fingerprint:
+        changes.append("the data changed")
+    if changes and not force:
+        raise UsageError(f"--resume: the run in {folder.parent.parent} was made with a different setup "
+                         f"({'; '.join(changes)}); undo the change or add --force")
+    for change in changes:
+        log(f"warning: resuming despite a change (--force): {change}")
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def hash_tokenizer(tokenizer) -> str:
+    return stable_hash([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens,
+                        getattr(tokenizer, "chat_template", None)])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(noise_generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "noise": noise_generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, noise_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    noise_generator.set_state(state["noise"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Stop:
+    signum: int | None = None
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM set a flag: the loop finishes its step, saves and exits. A second SIGINT stops at once."""
+    stop = _Stop()
+
+    def handler(signum, frame):
+        if stop.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.signum = signum
+        log(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def write_metrics(file, record: dict) -> None:
+    file.write(json.dumps(record) + "\n")
+    file.flush()
+
+
+def format_record(r: dict) -> str:
+    return (f"step {r['step']} epoch {r['epoch']:.2f} loss {r['loss']:.4f} lr {r['lr']:.2e} "
+            f"grad_norm {r['grad_norm']:.3f} noise_norm {r['noise_norm']:.3f} tokens/s {r['tokens_per_s']:.0f}")
+
+
+def fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

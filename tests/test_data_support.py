@@ -1,0 +1,95 @@
+"""Helpers shared by the data tests (imported as ``test_data_support``; it holds no tests itself).
+
+``word_tokenizer`` builds a word-level fast tokenizer whose tokens are the whitespace-separated words of the
+texts it is given, so expected token sequences can be written by hand and read at a glance. ``marked`` shows
+an example in that spirit: tokens separated by spaces, trained runs in ``[...]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from neftune_cli.recipe import Recipe, validate
+
+BOS, EOS, UNK, EOT = "<s>", "</s>", "<unk>", "<eot>"
+
+# The Stanford Alpaca prompts (tatsu-lab/stanford_alpaca train.py), typed out here independently of the code.
+STANFORD_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+STANFORD_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def recipe(sources: list, **data) -> Recipe:
+    """A validated recipe with these data sources (paths or source dicts); caching off unless asked for."""
+    data.setdefault("cache", False)
+    specs = [s if isinstance(s, dict) else {"path": str(s)} for s in sources]
+    return validate({"model": {"name_or_path": "unused"}, "data": {"sources": specs, **data}, "output": {"dir": "x"}})
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_json(path: Path, records: list) -> Path:
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def word_tokenizer(*texts: str, chat_template: str | None = None, add_bos: bool = True):
+    """A fast word-level tokenizer: one token per whitespace-separated word of ``texts`` and of the Alpaca
+    prompts; BOS/EOS/EOT are special tokens; BOS is prepended by the post-processor when add_bos."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [UNK, BOS, EOS, EOT]
+    words = sorted(set(" ".join((*texts, STANFORD_INPUT, STANFORD_NO_INPUT)).split()) - set(specials))
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, unk_token=UNK, additional_special_tokens=[EOT]
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def marked(tokenizer, example: dict) -> str:
+    """``<s> a b [c </s>]``: the example's tokens, trained runs in brackets. Checks labels are ids or -100."""
+    ids, labels = example["input_ids"], example["labels"]
+    assert len(ids) == len(labels) == example["length"]
+    assert all(label in (token, -100) for token, label in zip(ids, labels, strict=True))
+    out, inside = [], False
+    for token, label in zip(tokenizer.convert_ids_to_tokens(ids), labels, strict=True):
+        trained = label != -100
+        if trained and not inside:
+            token = "[" + token
+        elif inside and not trained:
+            out[-1] += "]"
+        out.append(token)
+        inside = trained
+    if inside:
+        out[-1] += "]"
+    return " ".join(out)
+
+
+def trained_text(tokenizer, example: dict) -> str:
+    ids = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def prepared(tmp_path: Path, records: list, tokenizer, name: str = "data.jsonl", log=None, **data):
+    """prepare() on these records written as JSON lines (source options via ``source={...}``)."""
+    from neftune_cli.data import prepare
+
+    source = {"path": str(write_jsonl(tmp_path / name, records)), **data.pop("source", {})}
+    return prepare(recipe([source], **data), tokenizer, log=log or (lambda message: None))
