@@ -150,3 +150,11 @@ def test_yaml_error_names_the_line(cli, recipe_dir):
 def test_missing_recipe_file(cli, tmp_path):
     code, _, err = cli("validate", str(tmp_path / "none.yaml"))
     assert code == 2 and "recipe file not found" in err
+
+
+def test_readme_recipe_reference_matches_the_schema():
+    from neftune_cli.recipe import reference_markdown
+
+    readme = (RECIPES.parent / "README.md").read_text()
+    block = readme.split("<!-- recipe-reference:start -->\n")[1].split("<!-- recipe-reference:end -->")[0]
+    assert block == reference_markdown(), "regenerate the README's recipe reference from neftune_cli.recipe"
