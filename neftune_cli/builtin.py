@@ -47,16 +47,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
 MODELS: dict[str, dict] = {
     "tiny-llama": {
         "vocab_target": 1536,
@@ -145,6 +135,8 @@ def _clean_stale(parent: Path) -> None:
 def tokenizer_corpus() -> list[str]:
     """The texts the tokenizer is trained on: the demo records in the Alpaca prompt, and the template strings."""
     from neftune_cli import demo_data
+    from neftune_cli.data.templates import ALPACA_PROMPT_INPUT as PROMPT_INPUT
+    from neftune_cli.data.templates import ALPACA_PROMPT_NO_INPUT as PROMPT_NO_INPUT
 
     texts = [
         PROMPT_INPUT,

@@ -121,7 +121,10 @@ def load_model_weights(model, folder: Path) -> None:
             raise UsageError(f"{folder}: adapter does not fit the model: {result.unexpected_keys[0]}")
         return
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
     state = {}
     for name in files:
         state.update(load_file(folder / name))

@@ -72,11 +72,13 @@ def validate(
     width = max(len(k) for k in loaded.provenance)
     for key, source in loaded.provenance.items():
         value = json.dumps(_lookup(resolved, key))
+        line = f"{key:<{width}}  {value}  "
+        style = {"default": "dim", "recipe": "none", "--set": "bold yellow"}[source]
         if stdout_is_tty():
-            style = {"default": "dim", "recipe": "", "--set": "bold yellow"}[source]
-            out.print(f"{key:<{width}}  {value}  [{style}]({source})[/]" if style else f"{key:<{width}}  {value}  ({source})")
+            out.print(line, markup=False, end="")
+            out.print(f"({source})", style=style, markup=False)
         else:
-            out.print(f"{key:<{width}}  {value}  ({source})", markup=False)
+            out.print(line + f"({source})", markup=False)
     out.print(f"ok: {recipe} is valid", markup=False)
 
 

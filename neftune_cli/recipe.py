@@ -285,7 +285,9 @@ def resolve_paths(recipe: Recipe, base_dir: Path, where: str | None = None) -> R
             if local is not None:
                 source.path = str(local)
             elif _looks_like_path(source.path):
-                problems.append(f"data.{section}[{i}].path: file not found: {source.path} (resolved against {base_dir})")
+                problems.append(
+                    f"data.{section}[{i}].path: file not found: {source.path} (resolved against {base_dir})"
+                )
     if problems:
         raise RecipeError(problems, where)
     return recipe

@@ -83,8 +83,10 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
     schedule = Schedule.of(recipe, len(lengths))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def collate(examples):
-        return collate_pack(examples) if t.batching == "pack" else collate_pad(examples, pad_id)
+    def batch_of(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+        examples = as_examples(dataset[indices])
+        batch = collate_pack(examples) if t.batching == "pack" else collate_pad(examples, pad_id)
+        return {k: v.to(device) for k, v in batch.items()}
 
     # --- model and optimizer ---
     model = load_model(recipe, device)
@@ -131,16 +133,13 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
         plan = plan_epoch(lengths, t.micro_batch_size, seed=t.seed, epoch=epoch, group_by_length=t.batching == "pad")
         return plan[k * t.grad_accum:(k + 1) * t.grad_accum]
 
-    def rows(indices: list[int]) -> list[dict]:
-        batch = data.train[indices]
-        return [{"input_ids": i, "labels": lab} for i, lab in zip(batch["input_ids"], batch["labels"], strict=True)]
 
     # --- the loop ---
     metrics_file = run.metrics.open("a", encoding="utf-8")
     progress = Progress(schedule.total_steps, start_step, enabled=stdout_is_tty())
 
     def run_eval(step: int) -> float:
-        eval_loss = evaluate(trainer, data.eval, collate, t.micro_batch_size, device)
+        eval_loss = evaluate(trainer, data.eval, batch_of, t.micro_batch_size)
         write_metrics(metrics_file, {"step": step, "eval_loss": eval_loss})
         progress.print(f"step {step}: eval_loss {eval_loss:.4f}")
         return eval_loss
@@ -155,7 +154,7 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
             model.train()
             while step < schedule.total_steps:
                 step += 1
-                batches = [{k: v.to(device) for k, v in collate(rows(mb)).items()} for mb in micro_batches(step)]
+                batches = [batch_of(data.train, mb) for mb in micro_batches(step)]
                 n_trained = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
                 n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                                for b in batches)
@@ -219,18 +218,22 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
     return summary
 
 
-def evaluate(trainer: CausalLMLoss, dataset, collate, batch_size: int, device: torch.device) -> float:
+def evaluate(trainer: CausalLMLoss, dataset, batch_of, batch_size: int) -> float:
     """Mean token loss over the eval set: eval mode (no dropout, no noise), no gradients."""
     trainer.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
-            chunk = dataset[start:start + batch_size]
-            examples = [{"input_ids": i, "labels": lab} for i, lab in zip(chunk["input_ids"], chunk["labels"], strict=True)]
-            loss, n, _ = trainer(**{k: v.to(device) for k, v in collate(examples).items()})
+            indices = list(range(start, min(start + batch_size, len(dataset))))
+            loss, n, _ = trainer(**batch_of(dataset, indices))
             total, count = total + loss.item(), count + n
     trainer.train()
     return total / max(count, 1)
+
+
+def as_examples(columns: dict) -> list[dict]:
+    """A slice of the dataset (a dict of columns) as a list of examples."""
+    return [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"], strict=True)]
 
 
 def save_final(run: RunDir, model, tokenizer) -> None:

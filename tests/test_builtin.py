@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from neftune_cli import builtin, demo_data
+from neftune_cli.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
 from neftune_cli.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +191,7 @@ def test_tokenizer_special_tokens_and_bos(tiny_tokenizer):
     assert tok("<|im_start|>user<|im_end|>", add_special_tokens=False).input_ids[0] == 4
     # Trained on the prompt template: its markers are a few tokens, not one per byte.
     assert tok.tokenize("### Response:") == ["###", "ĠResponse", ":"]
-    assert len(tok.tokenize(builtin.PROMPT_INPUT)) < len(builtin.PROMPT_INPUT) // 3
+    assert len(tok.tokenize(ALPACA_PROMPT_INPUT)) < len(ALPACA_PROMPT_INPUT) // 3
 
 
 def test_chat_template(tiny_tokenizer):
@@ -211,7 +212,7 @@ def test_decode_round_trips_every_demo_text(tiny_tokenizer):
     texts = []
     for r in all_demo_records():
         texts += [r["instruction"], r["input"], r["output"], " " + r["output"], "\n" + r["output"] + "\n"]
-        template = builtin.PROMPT_INPUT if r["input"] else builtin.PROMPT_NO_INPUT
+        template = ALPACA_PROMPT_INPUT if r["input"] else ALPACA_PROMPT_NO_INPUT
         texts.append(template.format(**r) + r["output"])
     texts += ["  two  spaces\n\n\ttab", "naïve café – 日本語 🙂", "\r\n"]
     encoded = tok(texts, add_special_tokens=False).input_ids
