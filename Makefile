@@ -28,7 +28,7 @@ lint: install
 	$(BIN)/ruff check neftune_cli tests benchmarks
 
 bench: install
-	$(BIN)/python benchmarks/tokenize.py
+	$(BIN)/python benchmarks/tokenize_data.py
 	$(BIN)/python benchmarks/merge.py
 	$(BIN)/python benchmarks/train.py
 

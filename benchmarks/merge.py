@@ -16,22 +16,16 @@ Afterwards the two outputs are compared tensor by tensor.
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
+import shutil
+import subprocess
 import sys
-
-# Running this file puts benchmarks/ first on sys.path, where a sibling benchmark module can shadow the standard
-# library (benchmarks/tokenize.py shadows `tokenize`, which torch needs): drop it before importing anything else.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import time
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 16, 16

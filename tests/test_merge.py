@@ -570,6 +570,19 @@ def test_unmatched_adapter_tensors_are_errors(llama, tmp_path):
         merge(bad, tmp_path / "out", log=quiet)
 
 
+def test_broken_adapter_with_nan_is_refused(llama, tmp_path):
+    _, adapter = llama
+    state = load_file(adapter / "adapter_model.safetensors")
+    state["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"][0, 0] = float("nan")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    save_file(state, bad / "adapter_model.safetensors")
+    with pytest.raises(RuntimeFailure, match=r"model\.layers\.1\.mlp\.down_proj\.weight: .*NaN/inf"):
+        merge(bad, tmp_path / "out", verify=False, log=quiet)
+    assert not (tmp_path / "out").exists() and not no_leftovers(tmp_path)
+
+
 def test_refuses_non_lora_and_unmergeable_variants(llama, tmp_path):
     base, adapter = llama
     for field, value, pattern in [
@@ -722,3 +735,34 @@ def test_shard_writer_is_byte_identical_to_save_file(tmp_path):
     ]
     merge_mod._write_shard(tmp_path / "ours.safetensors", items, {"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_a_trained_run_merges_through_the_cli(cli, tmp_path, tiny_model_dir):
+    """`neftune train` then `neftune merge RUN`: the merged model gives the adapter model's logits."""
+    from neftune_cli import demo_data
+
+    (tmp_path / "train.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(32, seed=7)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""\
+model: {{name_or_path: builtin:tiny-llama}}
+data: {{sources: [{{path: train.jsonl}}], max_seq_len: 128}}
+lora: {{r: 8, alpha: 16, modules_to_save: [lm_head]}}
+train: {{max_steps: 3, micro_batch_size: 8, lr: 1.0e-2}}
+output: {{dir: {tmp_path / 'run'}}}
+""")
+    code, _, err = cli("train", str(recipe))
+    assert code == 0, err
+    code, out, err = cli("merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
+    assert code == 0, err
+    assert "max |logit diff|" in err and "merged model written to" in out
+
+    ids = torch.randint(6, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "run" / "final")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        assert not torch.allclose(base(ids).logits, merged(ids).logits, atol=1e-3)  # training changed something
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    code, _, err = cli("merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
+    assert code == 2 and "--overwrite" in err

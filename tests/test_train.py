@@ -360,8 +360,8 @@ def test_demo_loss_falls(cli, tmp_path, tiny_model_dir):
     assert code == 0, err
     losses = [r["loss"] for r in metrics(tmp_path / "demo") if "loss" in r]
     evals = [r["eval_loss"] for r in metrics(tmp_path / "demo") if "eval_loss" in r]
-    assert losses[-1] < 0.8 * losses[0]  # records at steps 10, 20, 30, 40
-    assert evals[-1] < evals[0]
+    assert sum(losses[-2:]) / 2 < losses[0]  # records at steps 10, 20, 30, 40
+    assert evals[-1] < evals[0] - 1.0  # step 0 (before training) vs the end
 
 
 def test_real_pretrained_model_lowers_held_out_loss(cli, tmp_path, shared_data):

@@ -1,8 +1,8 @@
 """Data preparation speed: examples/s cold (read, render, tokenize, mask, parity gate, cache write) and warm
 (cache hit), on a fresh temporary cache.
 
-    python benchmarks/tokenize.py                       # 52K Alpaca, Llama-2 tokenizer, num_proc 2
-    taskset -c 0,1 python benchmarks/tokenize.py --num-proc 2   # pin to 2 cores for the target (< 30 s cold)
+    python benchmarks/tokenize_data.py                       # 52K Alpaca, Llama-2 tokenizer, num_proc 2
+    taskset -c 0,1 python benchmarks/tokenize_data.py --num-proc 2   # pin to 2 cores for the target (< 30 s cold)
 """
 
 from __future__ import annotations
