@@ -54,7 +54,10 @@ def peak_memory() -> tuple[int, str]:
 def rate(marks: list[tuple[int, float, int]], warmup: int) -> dict:
     """marks: (step, time at its end, cumulative real tokens). Timed window: end of step `warmup` to the last."""
     (s0, t0, n0), (s1, t1, n1) = next(m for m in marks if m[0] == warmup), marks[-1]
-    return {"timed_steps": s1 - s0, "seconds": t1 - t0, "tokens": n1 - n0, "tokens_per_s": (n1 - n0) / (t1 - t0)}
+    timed = [m for m in marks if m[0] >= warmup]
+    step_s = [round(b[1] - a[1], 4) for a, b in zip(timed, timed[1:])]  # in the JSON: shows stalls under load
+    return {"timed_steps": s1 - s0, "seconds": t1 - t0, "tokens": n1 - n0, "tokens_per_s": (n1 - n0) / (t1 - t0),
+            "step_seconds": step_s}
 
 
 def child_ours(c: dict) -> dict:

@@ -758,10 +758,11 @@ output: {{dir: {tmp_path / 'run'}}}
 
     ids = torch.randint(6, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "run" / "final")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapted = PeftModel.from_pretrained(base, tmp_path / "run" / "final")
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # fresh: PeftModel changed the first in place
         assert not torch.allclose(base(ids).logits, merged(ids).logits, atol=1e-3)  # training changed something
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
     code, _, err = cli("merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
