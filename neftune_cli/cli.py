@@ -116,7 +116,7 @@ def merge(
     base: str = typer.Option(None, "--base", help="Base model id or folder (default: from adapter_config.json)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto|bfloat16|float16|float32 (auto: the base's dtype)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
-    device: str = typer.Option("cpu", "--device", help="cpu|cuda: where verification runs (merging streams on the CPU)."),
+    device: str = typer.Option("cpu", "--device", help="cpu|cuda: where verification runs (merging is on the CPU)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip comparing merged and adapter logits."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
 ) -> None:
