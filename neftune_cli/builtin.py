@@ -26,17 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import time
-import uuid
 from pathlib import Path
 
+from neftune_cli.atomic import atomic_dir, clean_stale
 from neftune_cli.errors import UsageError
 
 PREFIX = "builtin:"
 VERSION = 1
 MARKER = "neftune-builtin.json"  # written last: a folder without it is not a complete model
-STALE_TMP_S = 3600  # temporary folders older than this are leftovers of a crash
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -99,34 +96,10 @@ def materialize(name: str, root: Path | None = None) -> Path:
     if is_complete(final):
         return final
     parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(parent)
-    tmp = parent / f".tmp-{folder_name(name)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    clean_stale(parent)
+    with atomic_dir(final, is_complete=is_complete) as tmp:
         _build(name, tmp)
-        if final.exists() and not is_complete(final):
-            # Not ours (we only ever rename complete folders into place): move it aside, do not trust it.
-            try:
-                final.rename(parent / f".tmp-broken-{folder_name(name)}-{uuid.uuid4().hex[:8]}")
-            except OSError:
-                pass
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not is_complete(final):  # lost a race only if the winner left a complete folder
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _clean_stale(parent: Path) -> None:
-    now = time.time()
-    for p in parent.glob(".tmp-*"):
-        try:
-            if now - p.stat().st_mtime > STALE_TMP_S:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -154,7 +127,6 @@ def tokenizer_corpus() -> list[str]:
 
 def _build(name: str, out: Path) -> None:
     spec = MODELS[name]
-    out.mkdir(parents=True)
     tok = _build_tokenizer(spec["vocab_target"])
     tok.save_pretrained(out)
     _build_model(spec, tok, out)

@@ -13,15 +13,13 @@ or the new one, never half of one. Only rank 0 writes (see train.py).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from neftune_cli.atomic import atomic_dir, atomic_file
 from neftune_cli.errors import UsageError
 
 STATE_FILE = "trainer_state.pt"
@@ -76,32 +74,8 @@ class RunDir:
         if not self.metrics.exists():
             return
         keep = [line for line in self.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        write_text_atomic(self.metrics, "".join(line + "\n" for line in keep))
-
-
-@contextmanager
-def atomic_dir(target: Path):
-    """Yield a temporary folder beside `target`; on success it replaces `target`, on failure it is removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+        with atomic_file(self.metrics) as f:
+            f.write("".join(line + "\n" for line in keep))
 
 
 def save_model(model, folder: Path) -> None:

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 import struct
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from neftune_cli.atomic import atomic_dir
 from neftune_cli.errors import RuntimeFailure, UsageError
 
 __all__ = ["MergeResult", "merge", "parse_size"]
@@ -238,21 +238,15 @@ def merge(
         log(note)
     _check_disk_space(out.parent, plan.total_bytes)
 
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     diff: float | None = None
     try:
-        tmp.mkdir(parents=False)
-        _write_model(plan, base_model, tmp, log)
-        _write_side_files(plan, base_model, adapter_dir, Path(adapter).expanduser().absolute(), tmp)
-        if verify:
-            diff = _verify(base_dir, adapter_dir, tmp, device, plan, log)
-        _move_into_place(tmp, out, overwrite)
+        with atomic_dir(out) as tmp:  # --overwrite was checked above: the old folder goes only once ours is whole
+            _write_model(plan, base_model, tmp, log)
+            _write_side_files(plan, base_model, adapter_dir, Path(adapter).expanduser().absolute(), tmp)
+            if verify:
+                diff = _verify(base_dir, adapter_dir, tmp, device, plan, log)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeFailure(f"writing {out} failed: {e.strerror or e} ({e.filename or tmp})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise RuntimeFailure(f"writing {out} failed: {e.strerror or e} ({e.filename or out})") from None
     seconds = time.monotonic() - t0
     log(f"wrote {out} ({len(plan.shards)} shard{'s' if len(plan.shards) != 1 else ''}, {seconds:.1f}s)")
     return MergeResult(
@@ -1254,22 +1248,6 @@ def _write_side_files(plan: _Plan, base: _BaseCheckpoint, adapter_dir: Path, giv
     for name in TOKENIZER_DIRS:
         if (src / name).is_dir():
             shutil.copytree(src / name, folder / name)
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise UsageError(f"output directory {out} already exists (use --overwrite to replace it)")
-        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -47,8 +47,12 @@ def load_model(recipe: Recipe, device: torch.device):
         attn_implementation=spec.attn_implementation, trust_remote_code=spec.trust_remote_code,
     ).to(device)
     if recipe.train.gradient_checkpointing:
-        # non-reentrant: works with frozen inputs (our inputs_embeds carry no grad under LoRA)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: works with frozen inputs (our inputs_embeds carry no grad under LoRA).
+        # transformers 5 renamed it (the old name still works there, with a deprecation warning).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = recipe.lora_or_none
     if lora is None:
         return model

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from neftune_cli import __version__
+from neftune_cli.atomic import atomic_dir, atomic_file
 from neftune_cli.batching import IGNORE, collate_pack, collate_pad, plan_epoch
-from neftune_cli.checkpoint import RunDir, atomic_dir, load_checkpoint, save_checkpoint, save_model, write_text_atomic
+from neftune_cli.checkpoint import RunDir, load_checkpoint, save_checkpoint, save_model
 from neftune_cli.console import log, out, stdout_is_tty
 from neftune_cli.data import prepare
 from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RuntimeFailure, UsageError
@@ -114,8 +115,10 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
         run.truncate_metrics(start_step)
         log(f"resume: from {resume_from} (step {start_step} of {schedule.total_steps})")
     else:
-        write_text_atomic(run.root / "recipe.yaml", recipe_to_yaml(recipe))
-        write_text_atomic(run.root / "data_report.json", json.dumps(data.report.to_dict(), indent=2))
+        with atomic_file(run.root / "recipe.yaml") as f:
+            f.write(recipe_to_yaml(recipe))
+        with atomic_file(run.root / "data_report.json") as f:
+            json.dump(data.report.to_dict(), f, indent=2)
     log(f"train: {schedule.total_steps} steps of {t.grad_accum} x {t.micro_batch_size} examples "
         f"({t.batching}), {len(lengths)} examples, noise alpha {recipe.neftune.alpha or 0} ({recipe.neftune.scale})")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from neftune_cli import builtin, demo_data
+from neftune_cli import atomic, builtin, demo_data
 from neftune_cli.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
 from neftune_cli.errors import UsageError
 
@@ -42,7 +42,7 @@ def test_materialize_is_deterministic_and_survives_crash_leftovers(tmp_path, tin
     for d in (stale, fresh, final):
         d.mkdir(parents=True)
         (d / "config.json").write_text("{half", encoding="utf-8")
-    old = time.time() - 2 * builtin.STALE_TMP_S
+    old = time.time() - 2 * atomic.STALE_S
     os.utime(stale, (old, old))
 
     path = builtin.materialize(NAME, root=root)
@@ -83,7 +83,7 @@ def test_default_root_is_neftune_cache_env(tmp_path, monkeypatch):
 
 def test_crash_during_build_leaves_nothing(tmp_path, monkeypatch):
     def crash(name, out):
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)  # the build gets an empty folder
         (out / "config.json").write_text("{}", encoding="utf-8")
         raise KeyboardInterrupt
 
@@ -97,7 +97,7 @@ def test_losing_a_race_uses_the_winners_folder(tmp_path, tiny_model_dir, monkeyp
     final = tmp_path / "builtin" / f"{NAME}-v{builtin.VERSION}"
 
     def build_while_another_process_wins(name, out):
-        shutil.copytree(tiny_model_dir, out)  # our own (complete) build...
+        shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)  # our own (complete) build...
         shutil.copytree(tiny_model_dir, final)  # ...but the other process renames its copy first
 
     monkeypatch.setattr(builtin, "_build", build_while_another_process_wins)

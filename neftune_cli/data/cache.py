@@ -12,12 +12,9 @@ concurrent runs never leave a half-written entry.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import time
-import uuid
 from pathlib import Path
 
+from neftune_cli.atomic import atomic_dir, clean_stale
 from neftune_cli.builtin import cache_root
 from neftune_cli.data.report import Report
 from neftune_cli.data.sources import Source
@@ -26,7 +23,6 @@ from neftune_cli.recipe import DataSection, stable_hash
 
 # Bump when tokenization, masking or the report format changes: old entries then stop matching.
 PIPELINE_VERSION = 1
-STALE_TMP_S = 3600  # temporary folders older than this are leftovers of a crashed write
 REPORT = "report.json"
 
 
@@ -86,31 +82,13 @@ def save(fp: str, train, held, report: Report) -> Path:
     """Write an entry atomically; returns its folder (an existing complete entry is kept as it is)."""
     final = entry(fp)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(final.parent)
-    tmp = final.parent / f".tmp-{fp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    clean_stale(final.parent)
+    with atomic_dir(final, is_complete=lambda folder: (folder / REPORT).is_file()) as tmp:
         train.save_to_disk(str(tmp / "train"))
         if held is not None:
             held.save_to_disk(str(tmp / "eval"))
         # Last: the report marks the entry complete.
         (tmp / REPORT).write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
-        if final.exists() and not (final / REPORT).is_file():
-            shutil.rmtree(final, ignore_errors=True)  # not ours (we only rename complete entries into place)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / REPORT).is_file():  # lost a race only if the winner left a complete entry
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def _clean_stale(parent: Path) -> None:
-    now = time.time()
-    for p in parent.glob(".tmp-*"):
-        try:
-            if now - p.stat().st_mtime > STALE_TMP_S:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass

@@ -4,13 +4,13 @@ the top-level ``neftune`` entry point turns them into one line and an exit code.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import typer
 
 from neftune_cli import console
+from neftune_cli.atomic import atomic_file
 from neftune_cli.data import preview as show
 from neftune_cli.data.report import histogram, padding_waste, percentiles
 from neftune_cli.errors import UsageError
@@ -149,14 +149,8 @@ def export(
     dataset = data.train if split == "train" else data.eval
     if dataset is None:
         raise UsageError("--split eval: the recipe has no eval data (data.eval_sources, eval_fraction or eval_size)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for batch in dataset.select_columns(["input_ids", "labels"]).iter(batch_size=1000):
-                for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
-                    f.write(json.dumps({"input_ids": ids, "labels": labels}, separators=(",", ":")) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as f:
+        for batch in dataset.select_columns(["input_ids", "labels"]).iter(batch_size=1000):
+            for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+                f.write(json.dumps({"input_ids": ids, "labels": labels}, separators=(",", ":")) + "\n")
     console.out.print(f"wrote {len(dataset):,} {split} examples to {out}", markup=False)

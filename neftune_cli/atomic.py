@@ -1,0 +1,74 @@
+"""Folders that appear whole or not at all: build under a temporary name beside the target, then rename.
+
+Used for everything we write that a crash must not leave half-done: checkpoints, final/, merged models, the
+builtin model and the tokenized-data cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
+
+TMP_PREFIX = ".tmp-"
+STALE_S = 3600  # temporary folders older than this are leftovers of a crash
+
+
+@contextmanager
+def atomic_dir(target: Path, *, is_complete: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target`; when the block succeeds it becomes `target`.
+
+    Without `is_complete`, an existing `target` is replaced (checkpoints, final/, merge --overwrite).
+    With it (shared caches that another process may be filling at the same time), a complete `target` wins and
+    ours is discarded; an incomplete one is not ours (we only ever rename whole folders) and is replaced.
+    On failure the temporary folder is removed and `target` is left as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if is_complete is not None and is_complete(target):
+            return
+        if target.exists() or target.is_symlink():
+            old = target.with_name(f"{TMP_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_stale(parent: Path) -> None:
+    """Remove temporary folders that crashed runs left in `parent`."""
+    now = time.time()
+    for p in parent.glob(f"{TMP_PREFIX}*"):
+        try:
+            if now - p.stat().st_mtime > STALE_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[TextIO]:
+    """A text file open for writing beside `path`; it replaces `path` when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
