@@ -7,7 +7,7 @@ Layout of output.dir:
   checkpoints/step-N/  adapter (PEFT format) or full model, trainer_state.pt, meta.json
   final/               adapter + tokenizer (or full model + tokenizer)
 Every folder is written under a temporary name and renamed into place, so a crash leaves either the old state
-or the new one, never half of one. Only rank 0 writes (see train.py).
+or the new one, never half of one.
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def _report(exc: BaseException | None, message: str, code: int, debug: bool) -> 
 def _hint(e: Exception) -> str:
     import torch
 
-    if isinstance(e, torch.OutOfMemoryError):
+    if isinstance(e, torch.cuda.OutOfMemoryError):
         return (" - hint: lower train.micro_batch_size (raise grad_accum to keep the batch), set"
                 " train.gradient_checkpointing: true, or lower data.max_seq_len")
     return ""

@@ -27,10 +27,10 @@ class Progress:
         if self.bar:
             self.bar.stop()
 
-    def update(self, step: int, m: dict) -> None:
+    def update(self, step: int, m: dict, tokens_per_s: float) -> None:
         if self.bar:
             self.bar.update(self.task, completed=step,
-                            stats=f"loss {m['loss']:.4f} lr {m['lr']:.2e} tok {m['tokens']}")
+                            stats=f"loss {m['loss']:.4f} lr {m['lr']:.2e} {tokens_per_s:,.0f} tok/s")
 
     def log(self, line: str) -> None:
         """A periodic metrics line: printed only without a bar (the bar already shows it)."""

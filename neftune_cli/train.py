@@ -7,6 +7,7 @@ whatever the batching (a mean of per-micro-batch means would overweight short mi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -130,12 +131,14 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
                  "rng": rng_state(noise_generator), "step": step}
         return save_checkpoint(run, step, model, state, {**meta, "step": step}, t.keep_last)
 
+    @functools.lru_cache(maxsize=1)
+    def epoch_plan(epoch: int) -> list[list[int]]:
+        return plan_epoch(lengths, t.micro_batch_size, seed=t.seed, epoch=epoch, group_by_length=t.batching == "pad")
+
     def micro_batches(step: int) -> list[list[int]]:
         """Example indices of the micro-batches of optimizer step `step` (1-based)."""
         epoch, k = divmod(step - 1, schedule.steps_per_epoch)
-        plan = plan_epoch(lengths, t.micro_batch_size, seed=t.seed, epoch=epoch, group_by_length=t.batching == "pad")
-        return plan[k * t.grad_accum:(k + 1) * t.grad_accum]
-
+        return epoch_plan(epoch)[k * t.grad_accum:(k + 1) * t.grad_accum]
 
     # --- the loop ---
     metrics_file = run.metrics.open("a", encoding="utf-8")
@@ -146,6 +149,7 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
         write_metrics(metrics_file, {"step": step, "eval_loss": eval_loss})
         progress.print(f"step {step}: eval_loss {eval_loss:.4f}")
         return eval_loss
+
     started = window_start = time.perf_counter()
     window_tokens = 0
     last = {}
@@ -157,6 +161,7 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
             model.train()
             while step < schedule.total_steps:
                 step += 1
+                step_started = time.perf_counter()
                 batches = [batch_of(data.train, mb) for mb in micro_batches(step)]
                 n_trained = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
                 n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
@@ -165,10 +170,10 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
                 for b in batches:
                     loss, _, noise = trainer(**b, generator=noise_generator)
                     (loss / max(n_trained, 1)).backward()
-                    loss_sum += loss.item()
+                    loss_sum = loss_sum + loss.detach()  # a tensor: no device sync per micro-batch
                     if noise is not None:
                         norms.append(noise)
-                step_loss = loss_sum / max(n_trained, 1)
+                step_loss = float(loss_sum) / max(n_trained, 1)
                 if not math.isfinite(step_loss):
                     good = run.latest_checkpoint()
                     raise RuntimeFailure(
@@ -186,7 +191,7 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
                         "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
                         "trained_tokens": n_trained,
                         "noise_norm": float(torch.cat(norms).mean()) if norms else 0.0}
-                progress.update(step, last)
+                progress.update(step, last, n_tokens / max(now - step_started, 1e-9))
                 if step % t.log_every == 0 or step == schedule.total_steps:
                     record = {**last, "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                               "elapsed_s": now - started}
@@ -203,7 +208,7 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
                     code = EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
                     raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} after step {step}; "
                                       f"checkpoint {where}. Resume with: {resume_command}", code)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         raise RuntimeFailure(
             "CUDA out of memory - lower train.micro_batch_size (raise grad_accum to keep the batch), set "
             "train.gradient_checkpointing: true, or lower data.max_seq_len") from None
