@@ -7,7 +7,7 @@ import re
 
 import pytest
 import typer
-from test_data_support import write_jsonl
+from data_helpers import write_jsonl
 from typer.testing import CliRunner
 
 from neftune_cli import console

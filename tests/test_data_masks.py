@@ -8,9 +8,7 @@ other token has -100.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from test_data_support import (
+from data_helpers import (
     STANFORD_INPUT,
     STANFORD_NO_INPUT,
     marked,
@@ -19,6 +17,8 @@ from test_data_support import (
     trained_text,
     word_tokenizer,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from neftune_cli.data import prompt_ids, stop_token_ids
 from neftune_cli.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, AlpacaTemplate

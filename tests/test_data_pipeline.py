@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_data_support import prepared, recipe, write_json, write_jsonl
+from data_helpers import prepared, recipe, write_json, write_jsonl
 
 from neftune_cli.data import prepare
 from neftune_cli.data.cache import entry

@@ -11,7 +11,7 @@ import functools
 import json
 
 import pytest
-from test_data_support import STANFORD_INPUT, STANFORD_NO_INPUT, recipe, trained_text
+from data_helpers import STANFORD_INPUT, STANFORD_NO_INPUT, recipe, trained_text
 
 from neftune_cli.data import prepare
 from neftune_cli.errors import DataError

@@ -1,4 +1,4 @@
-"""Helpers shared by the data tests (imported as ``test_data_support``; it holds no tests itself).
+"""Helpers shared by the data tests (imported as ``data_helpers``).
 
 ``word_tokenizer`` builds a word-level fast tokenizer whose tokens are the whitespace-separated words of the
 texts it is given, so expected token sequences can be written by hand and read at a glance. ``marked`` shows
