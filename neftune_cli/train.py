@@ -24,12 +24,12 @@ from neftune_cli.atomic import atomic_dir, atomic_file
 from neftune_cli.batching import IGNORE, collate_pack, collate_pad, plan_epoch
 from neftune_cli.checkpoint import RunDir, load_checkpoint, save_checkpoint, save_model
 from neftune_cli.console import log, out, stdout_is_tty
-from neftune_cli.data import prepare
+from neftune_cli.data import PreparedData, prepare
 from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RuntimeFailure, UsageError
 from neftune_cli.loss import CausalLMLoss, attention_stays_within_examples
 from neftune_cli.modeling import load_model, load_tokenizer
 from neftune_cli.progress import Progress
-from neftune_cli.recipe import LoadedRecipe, Recipe, recipe_to_yaml, stable_hash
+from neftune_cli.recipe import LoadedRecipe, Recipe, recipe_to_yaml
 
 # Keys that may change between a run and its resume without changing the result.
 RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_last")
@@ -78,9 +78,8 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
     tokenizer = load_tokenizer(recipe.model)
     data = prepare(recipe, tokenizer, log=log)
     log(f"data: {data.report.summary()}")
-    tokenizer_hash = hash_tokenizer(tokenizer)
     if resume_from is not None:
-        check_resumable(resume_from, recipe, data.fingerprint, tokenizer_hash, force)
+        check_resumable(resume_from, recipe, data, force)
     lengths = data.train["length"]
     schedule = Schedule.of(recipe, len(lengths))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -124,7 +123,7 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
         f"({t.batching}), {len(lengths)} examples, noise alpha {recipe.neftune.alpha or 0} ({recipe.neftune.scale})")
 
     meta = {"recipe": recipe.model_dump(mode="json"), "data_fingerprint": data.fingerprint,
-            "tokenizer_hash": tokenizer_hash, "version": __version__}
+            "tokenizer_fingerprint": data.tokenizer_fingerprint, "version": __version__}
 
     def checkpoint(step: int) -> Path:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -250,16 +249,16 @@ def save_final(run: RunDir, model, tokenizer) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def check_resumable(folder: Path, recipe: Recipe, data_fingerprint: str, tokenizer_hash: str, force: bool) -> None:
+def check_resumable(folder: Path, recipe: Recipe, data: PreparedData, force: bool) -> None:
     meta = json.loads((folder / "meta.json").read_text())
     changes = []
     before, now = flatten(meta["recipe"]), flatten(recipe.model_dump(mode="json"))
     for key in sorted(set(before) | set(now)):
         if key not in RESUME_SAFE_KEYS and before.get(key) != now.get(key):
             changes.append(f"{key}: {json.dumps(before.get(key))} -> {json.dumps(now.get(key))}")
-    if meta["tokenizer_hash"] != tokenizer_hash:
+    if meta["tokenizer_fingerprint"] != data.tokenizer_fingerprint:
         changes.append("the tokenizer changed")
-    elif meta["data_fingerprint"] != data_fingerprint:
+    elif meta["data_fingerprint"] != data.fingerprint:
         changes.append("the data changed")
     if changes and not force:
         raise UsageError(f"--resume: the run in {folder.parent.parent} was made with a different setup "
@@ -272,11 +271,6 @@ def flatten(tree, prefix: str = "") -> dict:
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): tree}
-
-
-def hash_tokenizer(tokenizer) -> str:
-    return stable_hash([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens,
-                        getattr(tokenizer, "chat_template", None)])
 
 
 def seed_everything(seed: int) -> None:

@@ -168,35 +168,31 @@ def _turns(value: dict, ours: str, fields: Fields) -> tuple[str, list]:
 
 
 def _sharegpt(value: dict, fields: Fields) -> Conversation:
-    column, turns = _turns(value, "conversations", fields)
-    messages, trained = _system_column(value, fields)
-    for i, turn in enumerate(turns):
-        where = f"{column}[{i}]"
-        if not isinstance(turn, dict):
-            raise BadRecord(where, f"a turn must be an object, got {type(turn).__name__}")
-        speaker = turn.get(fields["from"])
-        if speaker not in SHAREGPT_ROLES:
-            shown = "missing" if speaker is None else f"unknown role {speaker!r}"
-            raise BadRecord(f"{where}.{fields['from']}", f"{shown} (expected one of {', '.join(SHAREGPT_ROLES)})")
-        role, train = SHAREGPT_ROLES[speaker]
-        messages.append(Message(role=role, content=_content(turn, f"{where}.{fields['value']}", fields["value"])))
-        trained.append(train)
-    return Conversation(messages=messages, trained=trained, field=column, offset=len(messages) - len(turns))
+    return _conversation(value, fields, "conversations", "from", "value", SHAREGPT_ROLES, "a turn")
 
 
 def _messages(value: dict, fields: Fields) -> Conversation:
-    column, turns = _turns(value, "messages", fields)
+    roles = {role: (role, role == "assistant") for role in MESSAGE_ROLES}
+    return _conversation(value, fields, "messages", "role", "content", roles, "a message")
+
+
+def _conversation(value: dict, fields: Fields, column_key: str, role_key: str, content_key: str,
+                  roles: dict[str, tuple[str, bool]], noun: str) -> Conversation:
+    """A list of {role, content}-like turns; `roles` maps each allowed role to (our role, trained)."""
+    column, turns = _turns(value, column_key, fields)
     messages, trained = _system_column(value, fields)
     for i, turn in enumerate(turns):
         where = f"{column}[{i}]"
         if not isinstance(turn, dict):
-            raise BadRecord(where, f"a message must be an object, got {type(turn).__name__}")
-        role = turn.get(fields["role"])
-        if role not in MESSAGE_ROLES:
-            shown = "missing" if role is None else f"unknown role {role!r}"
-            raise BadRecord(f"{where}.{fields['role']}", f"{shown} (expected one of {', '.join(MESSAGE_ROLES)})")
-        messages.append(Message(role=role, content=_content(turn, f"{where}.{fields['content']}", fields["content"])))
-        trained.append(role == "assistant")
+            raise BadRecord(where, f"{noun} must be an object, got {type(turn).__name__}")
+        speaker = turn.get(fields[role_key])
+        if speaker not in roles:
+            shown = "missing" if speaker is None else f"unknown role {speaker!r}"
+            raise BadRecord(f"{where}.{fields[role_key]}", f"{shown} (expected one of {', '.join(roles)})")
+        role, train = roles[speaker]
+        content = _content(turn, f"{where}.{fields[content_key]}", fields[content_key])
+        messages.append(Message(role=role, content=content))
+        trained.append(train)
     return Conversation(messages=messages, trained=trained, field=column, offset=len(messages) - len(turns))
 
 

@@ -37,6 +37,7 @@ class PreparedData:
     eval: datasets.Dataset | None
     report: Report
     fingerprint: str  # equal iff nothing that affects the tokens changed (cache key; resume refuses a change)
+    tokenizer_fingerprint: str  # the tokenizer's part of it, so resume can say which of the two changed
 
 
 def prepare(
@@ -50,6 +51,7 @@ def prepare(
     train_sources = [Source(s) for s in data.sources]
     eval_sources = [Source(s) for s in data.eval_sources]
     fingerprint = cache.fingerprint(data, train_sources, eval_sources, encoder, seed)
+    tokenizer_fingerprint = cache.tokenizer_identity(encoder)
     eot = end_of_turn(template)
     _warn_end_of_turn(eot, tokenizer, log)
     if data.cache and (hit := cache.load(fingerprint)) is not None:
@@ -61,7 +63,7 @@ def prepare(
         log(f"data: cache hit ({cache.entry(fingerprint)})")
         if report.bad and data.on_bad_record == "error":
             _BadRecords("error").add(report.bad_reasons[0])
-        return PreparedData(train, held, report, fingerprint)
+        return PreparedData(train, held, report, fingerprint, tokenizer_fingerprint)
 
     sources = train_sources + eval_sources
     reports = [SourceReport(path=s.name, weight=s.spec.weight) for s in sources]
@@ -99,7 +101,7 @@ def prepare(
         with quiet_datasets():
             cache.save(fingerprint, train, held, report)
         train, held, report = cache.load(fingerprint)  # memory-mapped, and identical to what a cache hit returns
-    return PreparedData(train, held, report, fingerprint)
+    return PreparedData(train, held, report, fingerprint, tokenizer_fingerprint)
 
 
 def _tally(table, reports: list[SourceReport], bad: _BadRecords) -> list[list[int]]:
