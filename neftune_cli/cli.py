@@ -20,10 +20,10 @@ except ImportError:
     from click import ClickException
 
 from neftune_cli import __version__
-from neftune_cli.console import err, out, stdout_is_tty
+from neftune_cli.console import err, log, out, stdout_is_tty
 from neftune_cli.data.cli import app as data_app
 from neftune_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, NeftuneError
-from neftune_cli.recipe import load_recipe
+from neftune_cli.recipe import load_recipe, warnings_for
 
 app = typer.Typer(
     name="neftune",
@@ -65,6 +65,8 @@ def validate(
     Example: neftune validate recipes/llama2-alpaca.yaml --set train.lr=1e-4
     """
     loaded = load_recipe(recipe, set_)
+    for warning in warnings_for(loaded.recipe):
+        log(f"warning: {warning}")
     resolved = loaded.recipe.model_dump(mode="json")
     if as_json:
         out.print_json(json.dumps({"recipe": resolved, "provenance": loaded.provenance}))
@@ -124,7 +126,6 @@ def merge(
 
     Example: neftune merge runs/demo --out merged/demo
     """
-    from neftune_cli.console import log
     from neftune_cli.merge import merge as merge_adapter
 
     if dtype not in {"auto", "bfloat16", "float16", "float32"}:

@@ -203,6 +203,16 @@ class Recipe(Section):
         return self.lora if self.finetune == "lora" else None
 
 
+def warnings_for(recipe: Recipe) -> list[str]:
+    """Valid but probably unintended settings, said before any GPU time is spent."""
+    out = []
+    if recipe.neftune.alpha and recipe.neftune.scale == "hf" and recipe.train.batching == "pack":
+        out.append("neftune.scale: hf with train.batching: pack scales the noise by the packed row's length, so each "
+                   "example gets about sqrt(L_example / L_row) of the intended noise (transformers issue #34659); "
+                   "scale: paper does not")
+    return out
+
+
 # --- loading ---------------------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RuntimeFa
 from neftune_cli.loss import CausalLMLoss, attention_stays_within_examples
 from neftune_cli.modeling import load_model, load_tokenizer
 from neftune_cli.progress import Progress
-from neftune_cli.recipe import LoadedRecipe, Recipe, recipe_to_yaml
+from neftune_cli.recipe import LoadedRecipe, Recipe, recipe_to_yaml, warnings_for
 
 # Keys that may change between a run and its resume without changing the result.
 RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_last")
@@ -73,6 +73,8 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
     run = RunDir(Path(recipe.output.dir))
     resume_from = run.prepare(resume=resume, overwrite=overwrite)
     seed_everything(t.seed)
+    for warning in warnings_for(recipe):
+        log(f"warning: {warning}")
 
     # --- data ---
     tokenizer = load_tokenizer(recipe.model)

@@ -158,3 +158,12 @@ def test_readme_recipe_reference_matches_the_schema():
     readme = (RECIPES.parent / "README.md").read_text()
     block = readme.split("<!-- recipe-reference:start -->\n")[1].split("<!-- recipe-reference:end -->")[0]
     assert block == reference_markdown(), "regenerate the README's recipe reference from neftune_cli.recipe"
+
+
+def test_validate_warns_about_hf_noise_under_packing(cli, recipe_dir):
+    path = write(recipe_dir, MINIMAL)
+    code, _, err = cli("validate", str(path), "--set", "neftune.scale=hf")
+    assert code == 0 and "warning: neftune.scale: hf with train.batching: pack" in err
+    code, _, err = cli("validate", str(path), "--set", "neftune.scale=hf", "--set", "train.batching=pad")
+    assert code == 0 and "warning" not in err
+    assert "warning" not in cli("validate", str(path))[2]
