@@ -30,7 +30,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from neftune_cli import safetensors_io as st
 from neftune_cli.atomic import atomic_dir
 from neftune_cli.errors import RuntimeFailure, UsageError
 
@@ -83,28 +83,6 @@ _OUT_DTYPES = {
     "float": torch.float32,
 }
 
-# safetensors dtype name -> (torch dtype or None, item size in bytes, sort rank used by safetensors' writer).
-# The rank is the position in safetensors' Rust `Dtype` enum: `save_file` lays tensors out by (rank descending, name),
-# which keeps every tensor aligned to its item size. We reproduce that layout exactly.
-_ST_DTYPES: dict[str, tuple[torch.dtype | None, int, int]] = {
-    "BOOL": (torch.bool, 1, 0),
-    "U8": (torch.uint8, 1, 4),
-    "I8": (torch.int8, 1, 5),
-    "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1, 6),
-    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1, 7),
-    "F8_E8M0": (getattr(torch, "float8_e8m0fnu", None), 1, 8),
-    "I16": (torch.int16, 2, 9),
-    "U16": (getattr(torch, "uint16", None), 2, 10),
-    "F16": (torch.float16, 2, 11),
-    "BF16": (torch.bfloat16, 2, 12),
-    "I32": (torch.int32, 4, 13),
-    "U32": (getattr(torch, "uint32", None), 4, 14),
-    "F32": (torch.float32, 4, 15),
-    "C64": (getattr(torch, "complex64", None), 8, 16),
-    "F64": (torch.float64, 8, 17),
-    "I64": (torch.int64, 8, 18),
-    "U64": (getattr(torch, "uint64", None), 8, 19),
-}
 _FLOAT_ST = {"F16", "BF16", "F32", "F64"}
 _TORCH_TO_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 _ST_TO_NAME = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
@@ -123,7 +101,6 @@ _VERIFY_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 _PROBE_SHAPE = (2, 16)
 _PROBE_SEED = 1234
 
-_COPY_CHUNK = 64 * 1024 * 1024
 _OUT_EMBEDDING_MODULES = ("lm_head", "embed_out", "output")
 _IN_EMBEDDING_SUFFIXES = (
     "embed_tokens.weight",
@@ -397,120 +374,6 @@ def _snapshot_base(repo_id: str, revision: str | None) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# safetensors reading / writing
-
-
-@dataclass
-class _StEntry:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in file
-    nbytes: int
-
-
-def _read_st_header(path: Path) -> dict[str, _StEntry]:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise ValueError("file too short")
-            (n,) = struct.unpack("<Q", head)
-            if n > 256 * 2**20:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
-        size = path.stat().st_size
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: not a readable safetensors file ({e})") from None
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dt = info.get("dtype")
-        if dt not in _ST_DTYPES:
-            raise UsageError(f"{path}: tensor {name} has unsupported dtype {dt}")
-        s, e = info["data_offsets"]
-        entry = _StEntry(path, dt, tuple(int(d) for d in info["shape"]), 8 + n + s, e - s)
-        if entry.start + entry.nbytes > size or entry.nbytes != math.prod(entry.shape) * _ST_DTYPES[dt][1]:
-            raise UsageError(f"{path}: tensor {name} is truncated or corrupt")
-        entries[name] = entry
-    return entries
-
-
-class _Reader:
-    """Reads tensors from safetensors files with plain reads (no mmap: memory stays what we hold)."""
-
-    def __init__(self) -> None:
-        self._files: dict[Path, object] = {}
-
-    def _fh(self, path: Path):
-        fh = self._files.get(path)
-        if fh is None:
-            fh = self._files[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
-        return fh
-
-    def read(self, entry: _StEntry) -> torch.Tensor:
-        tdtype = _ST_DTYPES[entry.dtype][0]
-        if tdtype is None:
-            raise UsageError(f"{entry.file}: dtype {entry.dtype} is not supported by this torch build")
-        if entry.nbytes == 0:
-            return torch.empty(entry.shape, dtype=tdtype)
-        buf = bytearray(entry.nbytes)
-        fh = self._fh(entry.file)
-        fh.seek(entry.start)
-        if fh.readinto(buf) != entry.nbytes:
-            raise RuntimeFailure(f"{entry.file}: unexpected end of file while reading a tensor")
-        return torch.frombuffer(buf, dtype=tdtype).reshape(entry.shape)
-
-    def copy_to(self, entry: _StEntry, dst) -> None:
-        fh = self._fh(entry.file)
-        fh.seek(entry.start)
-        remaining = entry.nbytes
-        while remaining:
-            chunk = fh.read(min(_COPY_CHUNK, remaining))
-            if not chunk:
-                raise RuntimeFailure(f"{entry.file}: unexpected end of file while copying a tensor")
-            dst.write(chunk)
-            remaining -= len(chunk)
-
-    def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
-        self._files.clear()
-
-
-def _tensor_bytes(t: torch.Tensor):
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
-
-
-def _st_header(items: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
-    """The exact header bytes ``safetensors.torch.save_file`` writes for these (already laid out) tensors."""
-    header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for name, dt, shape in items:
-        n = math.prod(shape) * _ST_DTYPES[dt][1]
-        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _write_shard(path: Path, items: list[tuple[str, str, tuple[int, ...], Callable]], metadata: dict[str, str]):
-    """Write one safetensors file; ``items`` are (name, st_dtype, shape, writer) and each writer(fileobj) writes
-    exactly that tensor's bytes. Layout and header are identical to ``safetensors.torch.save_file``."""
-    laid_out = sorted(items, key=lambda it: (-_ST_DTYPES[it[1]][2], it[0]))  # safetensors' own layout order
-    with open(path, "wb") as f:
-        f.write(_st_header([(n, d, s) for n, d, s, _ in laid_out], metadata))
-        for name, dt, shape, writer in laid_out:
-            before = f.tell()
-            writer(f)
-            expected = math.prod(shape) * _ST_DTYPES[dt][1]
-            if f.tell() - before != expected:
-                raise RuntimeError(f"internal error: {name} wrote {f.tell() - before} bytes, expected {expected}")
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # base model
 
 
@@ -525,9 +388,9 @@ class _BaseCheckpoint:
         except ValueError as e:
             raise UsageError(f"{cfg_path}: invalid JSON ({e})") from None
         self.files = self._weight_files()
-        self.entries: dict[str, _StEntry] = {}
+        self.entries: dict[str, st.TensorEntry] = {}
         for f in self.files:
-            for name, entry in _read_st_header(f).items():
+            for name, entry in st.read_header(f).items():
                 if name in self.entries:
                     raise UsageError(f"base model {path}: tensor {name} appears in two shards")
                 self.entries[name] = entry
@@ -793,7 +656,7 @@ class _Output:
     name: str  # output tensor name
     st_dtype: str
     shape: tuple[int, ...]
-    src: _StEntry | None  # base tensor (None: only from the replacement)
+    src: st.TensorEntry | None  # base tensor (None: only from the replacement)
     replacement: _Replacement | None = None
     lora: _LoraModule | None = None
     bias_lora: _LoraModule | None = None  # lora_B.bias added to this (bias) tensor
@@ -804,7 +667,7 @@ class _Output:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _ST_DTYPES[self.st_dtype][1]
+        return math.prod(self.shape) * st.ST_DTYPES[self.st_dtype][1]
 
 
 @dataclass
@@ -914,7 +777,7 @@ def _plan(state: _AdapterState, base: _BaseCheckpoint, out_dtype: torch.dtype | 
         if vocab_like and r.kind == "base_layer":
             # a frozen copy of a LoRA-targeted embedding: a resize keeps the old rows, another base does not
             n = min(want[0], have[0])
-            reader = _Reader()
+            reader = st.Reader()
             try:
                 base_rows = reader.read(base.entries[virtual.get(name, name)])[:n]
             finally:
@@ -935,7 +798,7 @@ def _plan(state: _AdapterState, base: _BaseCheckpoint, out_dtype: torch.dtype | 
             raise UsageError(f"{name}: base tensor is {src.dtype}, not floating point (a quantized base?)")
 
     # outputs, in base order
-    def make(name: str, src: _StEntry) -> _Output:
+    def make(name: str, src: st.TensorEntry) -> _Output:
         o = _Output(name, out_st_dtype(src.dtype), effective_shape(name), src)
         o.replacement, o.lora, o.bias_lora = repl_by_base.get(name), lora_by_base.get(name), bias_by_base.get(name)
         return o
@@ -950,7 +813,7 @@ def _plan(state: _AdapterState, base: _BaseCheckpoint, out_dtype: torch.dtype | 
     untie = False
     if tied and out_key is not None and (by_name[embed_key].modified or out_name or by_name[out_key].modified):
         out_o = make(out_name, base.entries[embed_key]) if out_name else by_name[out_key]
-        reader = _Reader()
+        reader = st.Reader()
         try:
             e_t = _produce(by_name[embed_key], reader, out_dtype)
             o_t = _produce(out_o, reader, out_dtype)
@@ -1178,7 +1041,7 @@ def _apply_lora(w: torch.Tensor, lm: _LoraModule) -> torch.Tensor:
     return factor * combined
 
 
-def _produce(o: _Output, reader: _Reader, out_dtype: torch.dtype) -> torch.Tensor:
+def _produce(o: _Output, reader: st.Reader, out_dtype: torch.dtype) -> torch.Tensor:
     """The final tensor for an output entry (only called for modified tensors or dtype casts)."""
     t = o.replacement.tensor if o.replacement is not None else reader.read(o.src)
     if o.lora is not None or o.bias_lora is not None:
@@ -1192,14 +1055,14 @@ def _produce(o: _Output, reader: _Reader, out_dtype: torch.dtype) -> torch.Tenso
             raise RuntimeFailure(f"{o.name}: merging the adapter produced NaN/inf values; the adapter is broken")
         t = w
     if o.st_dtype in _FLOAT_ST:
-        t = t.to(_ST_DTYPES[o.st_dtype][0])
+        t = t.to(st.ST_DTYPES[o.st_dtype][0])
     if tuple(t.shape) != o.shape:  # guarded by planning; never write a header that lies
         raise RuntimeError(f"internal error: {o.name} has shape {tuple(t.shape)}, planned {o.shape}")
     return t
 
 
 def _write_model(plan: _Plan, base: _BaseCheckpoint, folder: Path, log: Callable[[str], None]) -> None:
-    reader = _Reader()
+    reader = st.Reader()
     weight_map: dict[str, str] = {}
     try:
         for i, (shard, fname) in enumerate(zip(plan.shards, plan.shard_names, strict=True)):
@@ -1209,10 +1072,10 @@ def _write_model(plan: _Plan, base: _BaseCheckpoint, folder: Path, log: Callable
                 if not o.modified and o.src is not None and o.src.dtype == o.st_dtype:
                     writer = lambda f, e=o.src: reader.copy_to(e, f)  # noqa: E731
                 else:
-                    writer = lambda f, o=o: f.write(_tensor_bytes(_produce(o, reader, plan.out_dtype)))  # noqa: E731
+                    writer = lambda f, o=o: f.write(st.tensor_bytes(_produce(o, reader, plan.out_dtype)))  # noqa: E731
                 items.append((o.name, o.st_dtype, o.shape, writer))
             try:
-                _write_shard(folder / fname, items, {"format": "pt"})
+                st.write_shard(folder / fname, items, {"format": "pt"})
             except OSError as e:
                 raise RuntimeFailure(f"writing {folder / fname} failed: {e.strerror or e}") from None
             merged = sum(1 for o in shard if o.lora is not None or o.bias_lora is not None)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import neftune_cli.merge as merge_mod
+from neftune_cli import safetensors_io as st
 from neftune_cli.errors import RuntimeFailure, UsageError
 from neftune_cli.merge import MergeResult, merge, parse_size
 
@@ -676,7 +677,7 @@ def test_existing_out_refused_then_replaced_with_overwrite(llama, tmp_path):
 
 def test_failure_mid_merge_leaves_nothing(llama, tmp_path, monkeypatch):
     _, adapter = llama
-    real = merge_mod._write_shard
+    real = st.write_shard
     calls = []
 
     def flaky(path, items, metadata):
@@ -685,7 +686,7 @@ def test_failure_mid_merge_leaves_nothing(llama, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(path, items, metadata)
 
-    monkeypatch.setattr(merge_mod, "_write_shard", flaky)
+    monkeypatch.setattr(st, "write_shard", flaky)
     with pytest.raises(RuntimeFailure, match=r"writing .*model-00002-of-.* failed: No space left on device"):
         merge(adapter, tmp_path / "out", max_shard_size="20KB", log=quiet)
     assert len(calls) == 2
@@ -729,11 +730,11 @@ def test_shard_writer_is_byte_identical_to_save_file(tmp_path):
             k,
             merge_mod._TORCH_TO_ST.get(v.dtype) or {torch.int64: "I64", torch.bool: "BOOL"}[v.dtype],
             tuple(v.shape),
-            lambda f, v=v: f.write(merge_mod._tensor_bytes(v)),
+            lambda f, v=v: f.write(st.tensor_bytes(v)),
         )
         for k, v in tensors.items()
     ]
-    merge_mod._write_shard(tmp_path / "ours.safetensors", items, {"format": "pt"})
+    st.write_shard(tmp_path / "ours.safetensors", items, {"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
