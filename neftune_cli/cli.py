@@ -22,7 +22,7 @@ except ImportError:
 from neftune_cli import __version__
 from neftune_cli.console import err, log, out, stdout_is_tty
 from neftune_cli.data.cli import app as data_app
-from neftune_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, NeftuneError
+from neftune_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError
 from neftune_cli.recipe import load_recipe, warnings_for
 
 app = typer.Typer(
@@ -177,6 +177,5 @@ def _hint(e: Exception) -> str:
     import torch
 
     if isinstance(e, torch.cuda.OutOfMemoryError):
-        return (" - hint: lower train.micro_batch_size (raise grad_accum to keep the batch), set"
-                " train.gradient_checkpointing: true, or lower data.max_seq_len")
+        return f" - hint: {OOM_HINT}"
     return ""

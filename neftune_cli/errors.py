@@ -11,6 +11,10 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
+OOM_HINT = ("lower train.micro_batch_size (raise grad_accum to keep the batch), set train.gradient_checkpointing: "
+            "true, or lower data.max_seq_len")
+
+
 class NeftuneError(Exception):
     """Base class: a message meant for the user, and an exit code."""
 

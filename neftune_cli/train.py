@@ -25,7 +25,7 @@ from neftune_cli.batching import IGNORE, collate_pack, collate_pad, plan_epoch
 from neftune_cli.checkpoint import RunDir, load_checkpoint, save_checkpoint, save_model
 from neftune_cli.console import log, out, stdout_is_tty
 from neftune_cli.data import PreparedData, prepare
-from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RuntimeFailure, UsageError
+from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, OOM_HINT, Interrupted, RuntimeFailure, UsageError
 from neftune_cli.loss import CausalLMLoss, attention_stays_within_examples
 from neftune_cli.modeling import load_model, load_tokenizer
 from neftune_cli.progress import Progress
@@ -210,9 +210,7 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
                     raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} after step {step}; "
                                       f"checkpoint {where}. Resume with: {resume_command}", code)
     except torch.cuda.OutOfMemoryError:
-        raise RuntimeFailure(
-            "CUDA out of memory - lower train.micro_batch_size (raise grad_accum to keep the batch), set "
-            "train.gradient_checkpointing: true, or lower data.max_seq_len") from None
+        raise RuntimeFailure(f"CUDA out of memory - {OOM_HINT}") from None
     finally:
         metrics_file.close()
 

@@ -39,7 +39,7 @@ def tokenizer_identity(encoder: Encoder) -> str:
     )
 
 
-def fingerprint(data: DataSection, train: list[Source], held: list[Source], encoder: Encoder, seed: int) -> str:
+def fingerprint(data: DataSection, train: list[Source], held: list[Source], tokenizer_id: str, seed: int) -> str:
     # on_bad_record is left out: it decides whether bad records stop the run, not which examples there are.
     section = data.model_dump(mode="json", exclude={"num_proc", "cache", "on_bad_record", "sources", "eval_sources"})
     section["sources"] = [_source_key(s) for s in train]
@@ -51,7 +51,7 @@ def fingerprint(data: DataSection, train: list[Source], held: list[Source], enco
             "version": PIPELINE_VERSION,
             "data": section,
             "seed": seed if seeded else None,
-            "tokenizer": tokenizer_identity(encoder),
+            "tokenizer": tokenizer_id,
         }
     )
 

@@ -50,8 +50,8 @@ def prepare(
     encoder = Encoder(tokenizer)
     train_sources = [Source(s) for s in data.sources]
     eval_sources = [Source(s) for s in data.eval_sources]
-    fingerprint = cache.fingerprint(data, train_sources, eval_sources, encoder, seed)
     tokenizer_fingerprint = cache.tokenizer_identity(encoder)
+    fingerprint = cache.fingerprint(data, train_sources, eval_sources, tokenizer_fingerprint, seed)
     eot = end_of_turn(template)
     _warn_end_of_turn(eot, tokenizer, log)
     if data.cache and (hit := cache.load(fingerprint)) is not None:
