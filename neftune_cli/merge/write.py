@@ -1,0 +1,173 @@
+"""Writing: the output checks, the merge arithmetic (peft's, in float32) and the streamed shards and side files."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from neftune_cli import safetensors_io as st
+from neftune_cli.errors import RuntimeFailure, UsageError
+from neftune_cli.merge.common import (
+    _FLOAT_ST,
+    SAFE_INDEX,
+    TOKENIZER_DIRS,
+    TOKENIZER_FILES,
+    TOKENIZER_MARKERS,
+    _fmt_bytes,
+)
+
+if TYPE_CHECKING:
+    from neftune_cli.merge.adapter import _LoraModule
+    from neftune_cli.merge.base import _BaseCheckpoint
+    from neftune_cli.merge.plan import _Output, _Plan
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise UsageError(f"output path {out} exists and is not a directory")
+        if not overwrite:
+            raise UsageError(f"output directory {out} already exists (use --overwrite to replace it)")
+    if not out.parent.exists():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create {out.parent}: {e.strerror or e}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"output folder {out.parent} is not writable")
+
+
+
+def _check_not_overlapping(out: Path, inputs: Iterable[Path]) -> None:
+    o = out.resolve()
+    for p in inputs:
+        r = p.resolve()
+        if o == r or o in r.parents:
+            raise UsageError(f"output directory {out} would replace the input {p}; choose another --out")
+
+
+
+def _check_disk_space(folder: Path, nbytes: int) -> None:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    need = int(nbytes * 1.02) + 50 * 2**20
+    if free < need:
+        raise RuntimeFailure(
+            f"not enough disk space in {folder}: the merged model needs about {_fmt_bytes(need)}, "
+            f"{_fmt_bytes(free)} free"
+        )
+
+
+
+def _lora_delta(lm: _LoraModule) -> torch.Tensor:
+    """scaling * B @ A in float32, laid out like the base weight (exactly peft's get_delta_weight arithmetic)."""
+    A, B = lm.A.float(), lm.B.float()
+    delta = B @ A
+    if lm.embedding or lm.fan_in_fan_out:
+        delta = delta.T
+    return delta.mul_(lm.scaling)  # in place: same arithmetic as peft's `* scaling`, one full-size buffer less
+
+
+
+def _apply_lora(w: torch.Tensor, lm: _LoraModule) -> torch.Tensor:
+    """Merge one LoRA module into the float32 weight ``w`` (peft's merge, vanilla or DoRA)."""
+    delta = _lora_delta(lm)
+    if lm.magnitude is None:
+        w += delta
+        return w
+    # DoRA: W' = m / ||W0 + dW|| * (W0 + dW), the norm taken per output feature (per embedding dim for
+    # embeddings), exactly as peft's DoraLinearVariant / DoraEmbeddingVariant merge.
+    combined = w + delta
+    mag = lm.magnitude.float()
+    if lm.embedding:
+        factor = (mag / torch.linalg.norm(combined.T, dim=1)).view(1, -1)
+    elif lm.fan_in_fan_out:
+        factor = (mag / torch.linalg.norm(combined.T, dim=1)).view(-1, 1).T
+    else:
+        factor = (mag / torch.linalg.norm(combined, dim=1)).view(-1, 1)
+    return factor * combined
+
+
+
+def _produce(o: _Output, reader: st.Reader, out_dtype: torch.dtype) -> torch.Tensor:
+    """The final tensor for an output entry (only called for modified tensors or dtype casts)."""
+    t = o.replacement.tensor if o.replacement is not None else reader.read(o.src)
+    if o.lora is not None or o.bias_lora is not None:
+        w = t.to(torch.float32, copy=True)
+        if o.lora is not None:
+            w = _apply_lora(w, o.lora)
+        if o.bias_lora is not None:
+            w += o.bias_lora.B_bias.float() * o.bias_lora.scaling
+        # NaN/inf make the sum non-finite; the exact elementwise check (4x slower) only runs when it is
+        if not math.isfinite(w.sum().item()) and not torch.isfinite(w).all():
+            raise RuntimeFailure(f"{o.name}: merging the adapter produced NaN/inf values; the adapter is broken")
+        t = w
+    if o.st_dtype in _FLOAT_ST:
+        t = t.to(st.ST_DTYPES[o.st_dtype][0])
+    if tuple(t.shape) != o.shape:  # guarded by planning; never write a header that lies
+        raise RuntimeError(f"internal error: {o.name} has shape {tuple(t.shape)}, planned {o.shape}")
+    return t
+
+
+
+def _write_model(plan: _Plan, base: _BaseCheckpoint, folder: Path, log: Callable[[str], None]) -> None:
+    reader = st.Reader()
+    weight_map: dict[str, str] = {}
+    try:
+        for i, (shard, fname) in enumerate(zip(plan.shards, plan.shard_names, strict=True)):
+            items = []
+            for o in shard:
+                weight_map[o.name] = fname
+                if not o.modified and o.src is not None and o.src.dtype == o.st_dtype:
+                    writer = lambda f, e=o.src: reader.copy_to(e, f)  # noqa: E731
+                else:
+                    writer = lambda f, o=o: f.write(st.tensor_bytes(_produce(o, reader, plan.out_dtype)))  # noqa: E731
+                items.append((o.name, o.st_dtype, o.shape, writer))
+            try:
+                st.write_shard(folder / fname, items, {"format": "pt"})
+            except OSError as e:
+                raise RuntimeFailure(f"writing {folder / fname} failed: {e.strerror or e}") from None
+            merged = sum(1 for o in shard if o.lora is not None or o.bias_lora is not None)
+            replaced = sum(1 for o in shard if o.replacement is not None)
+            extra = f", {replaced} replaced" if replaced else ""
+            log(
+                f"shard {i + 1}/{len(plan.shards)}: {fname} ({len(shard)} tensors, {merged} merged{extra}, "
+                f"{_fmt_bytes(sum(o.nbytes for o in shard))})"
+            )
+            gc.collect()
+    finally:
+        reader.close()
+    if len(plan.shards) > 1:
+        params = sum(math.prod(o.shape) for o in plan.outputs)
+        index = {"metadata": {"total_parameters": params, "total_size": plan.total_bytes}, "weight_map": weight_map}
+        (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+
+def _write_side_files(plan: _Plan, base: _BaseCheckpoint, adapter_dir: Path, given: Path, folder: Path) -> None:
+    (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    if (base.path / "generation_config.json").is_file():
+        shutil.copyfile(base.path / "generation_config.json", folder / "generation_config.json")
+    if plan.config.get("auto_map"):  # custom modeling code travels with the model
+        for py in base.path.glob("*.py"):
+            shutil.copyfile(py, folder / py.name)
+    candidates = [adapter_dir, given, base.path]
+    src = next((d for d in candidates if any((d / m).is_file() for m in TOKENIZER_MARKERS)), None)
+    if src is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, folder / name)
+    for name in TOKENIZER_DIRS:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, folder / name)
