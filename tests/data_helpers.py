@@ -63,6 +63,12 @@ def word_tokenizer(*texts: str, chat_template: str | None = None, add_bos: bool 
     return tokenizer
 
 
+def chat_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    """``apply_chat_template``'s token ids, the serving reference, under transformers 4.x (a list by default) and
+    5.x (a BatchEncoding by default) alike."""
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs))
+
+
 def marked(tokenizer, example: dict) -> str:
     """``<s> a b [c </s>]``: the example's tokens, trained runs in brackets. Checks labels are ids or -100."""
     ids, labels = example["input_ids"], example["labels"]

@@ -11,6 +11,7 @@ import pytest
 from data_helpers import (
     STANFORD_INPUT,
     STANFORD_NO_INPUT,
+    chat_ids,
     marked,
     prepared,
     recipe,
@@ -91,7 +92,7 @@ def test_alpaca_with_and_without_input(tmp_path, words):
 
 def test_alpaca_prompt_is_stanfords_verbatim():
     assert ALPACA_PROMPT_INPUT == STANFORD_INPUT and ALPACA_PROMPT_NO_INPUT == STANFORD_NO_INPUT
-    rendered = AlpacaTemplate("</s>").render({**REVERSE, "system": None})
+    rendered = AlpacaTemplate("", "</s>").render({**REVERSE, "system": None})
     assert rendered.text == STANFORD_INPUT.format(**REVERSE) + "elppa</s>"
     assert rendered.text[rendered.spans[0][0] :] == "elppa</s>"
 
@@ -102,7 +103,7 @@ def test_alpaca_system_replaces_the_task_description(tmp_path, words):
         "<s> be brief ### Instruction: Say hi ### Response: [hi there </s>]"
     ]
     assert (
-        AlpacaTemplate("</s>").prompt({**record, "output": None})
+        AlpacaTemplate("", "</s>").prompt({**record, "output": None})
         == "be brief\n\n### Instruction:\nSay hi\n\n### Response:\n"
     )
 
@@ -144,10 +145,7 @@ def test_alpaca_record_under_chat_template(tmp_path, words):
         "<s> system: be brief <eot> user: Reverse the word apple <eot> assistant: [elppa <eot>]"
     ]
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Reverse the word\n\napple"}]
-    assert (
-        prompt_ids(record, _data("chat"), words)
-        == words.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
-    )
+    assert prompt_ids(record, _data("chat"), words) == chat_ids(words, messages, add_generation_prompt=True)
 
 
 def test_conversation_under_alpaca_template(tmp_path, words):
@@ -161,15 +159,18 @@ def test_conversation_under_alpaca_template(tmp_path, words):
         one(tmp_path, [THREE_TURNS], words, template="alpaca")
 
 
-@pytest.mark.parametrize(
-    ("template_bos", "tokenizer_bos", "starts"),
-    [(True, True, "<s> user:"), (False, True, "<s> user:"), (True, False, "<s> user:"), (False, False, "user:")],
-)
-def test_exactly_one_bos(tmp_path, template_bos, tokenizer_bos, starts):
+@pytest.mark.parametrize("template_bos", [True, False])
+@pytest.mark.parametrize("tokenizer_bos", [True, False])
+def test_bos_is_what_the_template_writes(tmp_path, template_bos, tokenizer_bos):
+    """As at serving: the rendered text decides, the tokenizer adds nothing; a missing BOS is warned about."""
     template = CHAT if template_bos else CHAT.removeprefix("{{ bos_token }}")
     tokenizer = word_tokenizer(WORDS, chat_template=template, add_bos=tokenizer_bos)
-    (example,) = one(tmp_path, [WITH_SYSTEM], tokenizer, template="chat")
-    assert example.startswith(starts.replace("user:", "system:")) and not example.startswith("<s> <s>")
+    logged = []
+    result = prepared(tmp_path, [WITH_SYSTEM, WITH_SYSTEM], tokenizer, template="chat", log=logged.append)
+    for example in result.train:
+        assert marked(tokenizer, example).startswith("<s> system:" if template_bos else "system:")
+    warnings = [line for line in logged if "writes no BOS" in line]
+    assert len(warnings) == (not template_bos and tokenizer_bos)
 
 
 def test_end_of_turn_is_trained_and_the_newline_after_it_is_not(tmp_path, tiny_tokenizer):
@@ -189,10 +190,38 @@ def test_template_that_rewrites_earlier_turns_is_reported(tmp_path, words):
         one(tmp_path, [THREE_TURNS], words, template="custom", chat_template=rewriting)
 
 
-def test_token_merging_across_the_boundary_fails_the_parity_gate(tmp_path, words):
-    glued = CHAT.replace("{{ m['role'] }}: {{ m['content'] }}", "{{ m['role'] }}:{{ m['content'] }}")
-    with pytest.raises(DataError, match=r"line 1: field messages\[2\]: the prompt's tokens differ from the inference"):
-        one(tmp_path, [WITH_SYSTEM], words, template="custom", chat_template=glued)
+GLUED = CHAT.replace("{{ m['role'] }}: {{ m['content'] }}", "{{ m['role'] }}:{{ m['content'] }}")
+
+
+def test_token_merging_across_the_boundary_keeps_the_prompts_own_tokens(tmp_path, words):
+    # "assistant:hello" is one (unknown) word of the whole text; served, the prompt ends in "assistant:" and
+    # the model generates "hello <eot>" after it: that is what is trained.
+    assert one(tmp_path, [WITH_SYSTEM], words, template="custom", chat_template=GLUED) == [
+        "<s> <unk> brief <eot> <unk> <eot> assistant: [hello <eot>]"
+    ]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    expected = chat_ids(words, messages, add_generation_prompt=True, chat_template=GLUED)
+    assert prepared(tmp_path, [WITH_SYSTEM], words, template="custom", chat_template=GLUED).train[0]["input_ids"][
+        : len(expected)
+    ] == expected
+
+
+def test_conversation_is_split_where_a_later_prompt_retokenizes_a_reply(tmp_path, words):
+    one_turn = {"conversations": THREE_TURNS["conversations"][:2]}
+    result = prepared(tmp_path, [THREE_TURNS, one_turn], words, template="custom", chat_template=GLUED)
+    head = "<s> <unk> <eot> "
+    assert [marked(words, ex) for ex in result.train] == [
+        f"{head}assistant: [hello <eot>]",
+        f"{head}<unk> <eot> <unk> 2 and 3 <eot> assistant: [5 <eot>]",
+        f"{head}<unk> <eot> <unk> 2 and 3 <eot> <unk> <eot> <unk> <eot> assistant: [you are welcome <eot>]",
+        f"{head}assistant: [hello <eot>]",
+    ]
+    assert result.report.sources[0].splits == result.report.splits == 2
+    assert "2 conversation splits" in result.report.summary()
+    # the last turn alone needs no split
+    last = prepared(tmp_path, [THREE_TURNS], words, template="custom", chat_template=GLUED, train_on="last_turn")
+    assert [marked(words, ex) for ex in last.train] == [marked(words, result.train[2])]
+    assert last.report.splits == 0
 
 
 def test_double_bos_is_reported(tmp_path, words):
@@ -212,7 +241,7 @@ def test_prompt_ids_and_stop_tokens(words, tiny_tokenizer):
         == tiny_tokenizer(STANFORD_NO_INPUT.format(instruction="Say hi"))["input_ids"]
     )
     messages = [{"role": "user", "content": "hi"}]
-    expected = tiny_tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    expected = chat_ids(tiny_tokenizer, messages, add_generation_prompt=True)
     assert prompt_ids(messages, _data("chat"), tiny_tokenizer) == expected
     assert expected[:2] != [tiny_tokenizer.bos_token_id] * 2
     im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -289,18 +318,25 @@ def conversations(draw):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(conversations(), min_size=1, max_size=4))
 def test_property_chat_trained_tokens_and_prompts(tmp_path, tiny_tokenizer, batch):
+    """Every trained reply follows exactly the tokens apply_chat_template gives its prompt, and all the replies,
+    in order, are what is trained (split conversations included)."""
     result = prepared(tmp_path, batch, tiny_tokenizer, template="chat", max_seq_len=4096)
-    assert len(result.train) == len(batch)
-    for record, example in zip(batch, result.train, strict=True):
+    assert len(result.train) == len(batch) + result.report.splits
+    prompts = set()
+    replies = []
+    for record in batch:
         messages = record["messages"]
-        replies = [m["content"] for m in messages if m["role"] == "assistant"]
-        assert trained_text(tiny_tokenizer, example) == "".join(r + "<|im_end|>" for r in replies)
         for k, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prompt = tiny_tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True)["input_ids"]
-            assert example["input_ids"][: len(prompt)] == prompt
-            assert example["labels"][len(prompt) - 1] == -100 and example["labels"][len(prompt)] != -100
+            if m["role"] == "assistant":
+                prompts.add(tuple(chat_ids(tiny_tokenizer, messages[:k], add_generation_prompt=True)))
+                replies.append(m["content"] + "<|im_end|>")
+    trained = []
+    for example in result.train:
+        ids, labels = example["input_ids"], example["labels"]
+        starts = [t for t in range(len(ids)) if labels[t] != -100 and (t == 0 or labels[t - 1] == -100)]
+        assert all(tuple(ids[:t]) in prompts for t in starts)
+        trained.append(trained_text(tiny_tokenizer, example))
+    assert "".join(trained) == "".join(replies)
 
 
 alpaca_records = st.fixed_dictionaries({"instruction": text, "input": st.one_of(st.just(""), text), "output": text})

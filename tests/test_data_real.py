@@ -11,7 +11,7 @@ import functools
 import json
 
 import pytest
-from data_helpers import STANFORD_INPUT, STANFORD_NO_INPUT, recipe, trained_text
+from data_helpers import STANFORD_INPUT, STANFORD_NO_INPUT, chat_ids, recipe, trained_text
 
 from neftune_cli.data import prepare
 from neftune_cli.errors import DataError
@@ -63,8 +63,12 @@ def test_oasst_with_real_chat_templates(shared_data, name, template):
     chat_template = (shared_data / "chat_templates" / f"{template}.jinja").read_text()
     path = shared_data / "sharegpt" / "oasst_en100_paths_sharegpt.json"
     data = recipe([path], template="custom", chat_template=chat_template, max_seq_len=8192)
-    result = prepare(data, tokenizer, log=quiet)
-    assert (result.report.bad, result.report.dropped, len(result.train)) == (0, 0, 400)  # the parity gate held
+    logged = []
+    result = prepare(data, tokenizer, log=logged.append)
+    report = result.report
+    assert (report.bad, report.dropped, report.splits, len(result.train)) == (0, 0, 0, 400)
+    # zephyr writes no BOS: served without one, so trained without one, and said so
+    assert sum("writes no BOS" in line for line in logged) == (template == "zephyr")
     eot = "<|im_end|>" if template == "chatml" else tokenizer.eos_token
     assert result.report.end_of_turn == eot
     bos = tokenizer.bos_token_id
@@ -72,13 +76,9 @@ def test_oasst_with_real_chat_templates(shared_data, name, template):
     for record, example in zip(json.loads(path.read_text())[:CHECKED], result.train, strict=False):
         messages = [{"role": roles[t["from"]], "content": t["value"]} for t in record["conversations"]]
         ids, labels = example["input_ids"], example["labels"]
-        assert ids[0] == bos and ids[1] != bos
+        assert (ids[0] == bos) == (template != "zephyr") and ids[1] != bos
         for k in range(1, len(messages), 2):
-            prompt = tokenizer.apply_chat_template(
-                messages[:k], add_generation_prompt=True, chat_template=chat_template, return_dict=False
-            )
-            if prompt[:1] != [bos]:  # zephyr writes no BOS: the tokenizer's own one goes in front
-                prompt = [bos, *prompt]
+            prompt = chat_ids(tokenizer, messages[:k], add_generation_prompt=True, chat_template=chat_template)
             assert ids[: len(prompt)] == prompt
             assert labels[len(prompt) - 1] == -100 and labels[len(prompt)] != -100
             end = next(i for i in range(len(prompt), len(labels)) if i + 1 == len(labels) or labels[i + 1] == -100)

@@ -22,7 +22,7 @@ from neftune_cli.data.tokenize import Encoder
 from neftune_cli.recipe import DataSection, stable_hash
 
 # Bump when tokenization, masking or the report format changes: old entries then stop matching.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 REPORT = "report.json"
 
 

@@ -101,7 +101,8 @@ def _stats_lines(report, result: dict) -> list[str]:
             weight = f" (weight {s.weight:g})" if s.weight is not None else ""
             lines.append(
                 f"  {s.path} [{s.format}]: {s.records:,} records, {s.bad:,} bad, {s.dropped_overlength:,} dropped "
-                f"over max_seq_len, {s.dropped_untrained:,} dropped with nothing trained, {s.truncated:,} truncated; "
+                f"over max_seq_len, {s.dropped_untrained:,} dropped with nothing trained, {s.truncated:,} truncated, "
+                f"{s.splits:,} conversation splits; "
                 f"{s.examples:,} examples, {s.held_out:,} held out for eval, {s.used:,} used{weight}"
             )
     if report.bad:

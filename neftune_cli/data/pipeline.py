@@ -19,7 +19,7 @@ from neftune_cli.data.formats import BadRecord, Fields, detect, parse
 from neftune_cli.data.report import MAX_REASONS, Report, SourceReport, SplitReport
 from neftune_cli.data.sampling import hold_out, resample
 from neftune_cli.data.sources import Source
-from neftune_cli.data.templates import end_of_turn, make_template
+from neftune_cli.data.templates import end_of_turn, make_template, probe
 from neftune_cli.data.tokenize import BAD, OVERLENGTH, TRUNCATED, UNTRAINED, Encoder, Tokenize, features
 from neftune_cli.errors import DataError
 from neftune_cli.recipe import DataSection, Recipe
@@ -54,6 +54,7 @@ def prepare(
     fingerprint = cache.fingerprint(data, train_sources, eval_sources, tokenizer_fingerprint, seed)
     eot = end_of_turn(template)
     _warn_end_of_turn(eot, tokenizer, log)
+    _warn_no_bos(template, encoder, log)
     if data.cache and (hit := cache.load(fingerprint)) is not None:
         train, held, report = hit
         for source, source_report in zip(
@@ -108,9 +109,11 @@ def _tally(table, reports: list[SourceReport], bad: _BadRecords) -> list[list[in
     """Count each row's outcome into its source's report; the usable rows per source, in order."""
     status = table.column("status").to_pylist()
     source_of = table.column("source").to_pylist()
+    pieces = table.column("piece").to_pylist()
     kept: list[list[int]] = [[] for _ in reports]
-    for i, (st, source) in enumerate(zip(status, source_of, strict=True)):
+    for i, (st, source, piece) in enumerate(zip(status, source_of, pieces, strict=True)):
         report = reports[source]
+        report.splits += int(piece > 0)
         if st == BAD:
             bad.add(f"{table.column('where')[i].as_py()}: {table.column('reason')[i].as_py()}")
             report.bad += 1
@@ -226,8 +229,6 @@ def _tokenize(rows: dict[str, list], template, encoder: Encoder, data: DataSecti
     import datasets
 
     features_out = features()
-    features_out["where"] = datasets.Value("string")
-    features_out["source"] = datasets.Value("int32")
     dataset = datasets.Dataset.from_dict(
         rows,
         features=datasets.Features(
@@ -249,7 +250,7 @@ def _tokenize(rows: dict[str, list], template, encoder: Encoder, data: DataSecti
             batched=True,
             batch_size=BATCH_SIZE,
             num_proc=num_proc,
-            remove_columns=["record"],
+            remove_columns=["record", "where", "source"],  # a split conversation gives several rows
             features=features_out,
             new_fingerprint=f"neftune-{fingerprint}",
         )
@@ -275,6 +276,21 @@ def _losses(reports: list[SourceReport]) -> str:
     over = sum(r.dropped_overlength for r in reports)
     untrained = sum(r.dropped_untrained for r in reports)
     return f"{records:,} records, {bad:,} bad, {over:,} over max_seq_len (dropped), {untrained:,} with nothing trained"
+
+
+def _warn_no_bos(template, encoder: Encoder, log) -> None:
+    """Serving renders the template and adds nothing; training does the same, so say when that means no BOS."""
+    try:
+        prompt = template.prompt(probe(response=False))
+    except BadRecord:
+        return
+    bos = encoder.tokenizer.bos_token
+    if encoder.adds_bos and not prompt.startswith(bos):
+        log(
+            f"data: warning: the chat template writes no BOS ({bos!r}) while the tokenizer adds one by default; "
+            "examples get none, as apply_chat_template gives at serving time (use a template that writes "
+            "{{ bos_token }} if the model needs it)"
+        )
 
 
 def _warn_end_of_turn(eot: str, tokenizer, log) -> None:

@@ -25,6 +25,7 @@ class SourceReport:
     truncated: int = 0  # kept, cut to max_seq_len
     dropped_overlength: int = 0  # overlength: drop
     dropped_untrained: int = 0  # no trained token within max_seq_len
+    splits: int = 0  # conversations cut where a later prompt re-tokenizes an earlier reply (one more example each)
     examples: int = 0  # usable examples after tokenization
     held_out: int = 0  # moved to the eval split (eval_fraction / eval_size)
     used: int = 0  # examples in the final split, after weighting
@@ -89,13 +90,18 @@ class Report:
     def dropped(self) -> int:
         return sum(s.dropped_overlength + s.dropped_untrained for s in self._all_sources())
 
+    @property
+    def splits(self) -> int:
+        return sum(s.splits for s in self._all_sources())
+
     def summary(self) -> str:
         t = self.train
         eval_part = f"eval {self.eval.examples:,}" if self.eval else "no eval"
         return (
             f"train {t.examples:,} examples / {t.tokens:,} tokens ({t.trained_fraction:.0%} trained), {eval_part}; "
             f"from {self.records:,} records: {self.bad:,} bad skipped, {self.truncated:,} truncated, "
-            f"{self.dropped:,} dropped; length mean {t.length_mean:.0f}, p95 {t.length_p95}, max {t.length_max} "
+            f"{self.dropped:,} dropped, {self.splits:,} conversation splits; length mean {t.length_mean:.0f}, "
+            f"p95 {t.length_p95}, max {t.length_max} "
             f"(max_seq_len {self.max_seq_len})"
         )
 

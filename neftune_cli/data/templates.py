@@ -1,6 +1,8 @@
 """Templates turn a canonical record into text and find the character span of every assistant response.
 
-- ``AlpacaTemplate``: the Stanford Alpaca prompt, exactly; then the response, then the EOS token.
+- ``AlpacaTemplate``: the Stanford Alpaca prompt, exactly; then the response, then the EOS token. BOS is written
+  in front when the tokenizer adds one by default (as the Stanford code's tokenizer call does), so the text alone
+  decides every token, as it does under a chat template; ``jinja`` is the same prompt as a chat template.
 - ``ChatTemplate``: the tokenizer's own chat template (or the recipe's), rendered by ``apply_chat_template``.
   Spans are found without knowing the template: render ``messages[:k]`` with the generation prompt, then
   ``messages[:k+1]``; the assistant span is the text the second rendering adds. That needs each rendering to
@@ -10,10 +12,14 @@
 A span covers the response and what the template closes it with (EOS / end-of-turn token), minus trailing
 whitespace: the model must learn to emit the end-of-turn token, but the newline a template writes after it is
 never generated (inference stops at the token, and the next prompt starts with that newline).
+
+``Template.jinja`` is the chat template that renders prompts exactly as the template does: what a run hands on
+with its tokenizer, so serving (``apply_chat_template``, vLLM, llama.cpp) feeds the model the trained prompts.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,6 +57,8 @@ class Rendered:
 
 
 class Template(Protocol):
+    jinja: str  # the chat template for serving: renders the same prompts
+
     def render(self, record: Record) -> Rendered: ...
 
     def prompt(self, record: Record) -> str:
@@ -58,11 +66,19 @@ class Template(Protocol):
         ...
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's post-processor puts BOS in front (Llama, Mistral: yes; GPT-2, Qwen: no)."""
+    bos = tokenizer.bos_token_id
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos is not None and with_special[:1] == [bos] and without[:1] != [bos]
+
+
 def make_template(data: DataSection, tokenizer) -> Template:
     if data.template == "alpaca":
         if not tokenizer.eos_token:
             raise DataError("data.template alpaca ends every response with the EOS token, but the tokenizer has none")
-        return AlpacaTemplate(tokenizer.eos_token)
+        return AlpacaTemplate(tokenizer.bos_token if adds_bos(tokenizer) else "", tokenizer.eos_token)
     if data.template == "chat" and not tokenizer.chat_template:
         raise DataError(
             "data.template is chat but the tokenizer has no chat template; use data.template: custom with "
@@ -81,17 +97,47 @@ def alpaca_prompt(record: AlpacaRecord) -> str:
 
 
 class AlpacaTemplate:
-    def __init__(self, eos_token: str):
+    def __init__(self, bos_token: str, eos_token: str):
+        self.bos_token = bos_token  # "" when the tokenizer adds no BOS by default
         self.eos_token = eos_token
 
     def render(self, record: Record) -> Rendered:
         alpaca = _as_alpaca(record, response=True)
-        prompt = alpaca_prompt(alpaca)
+        prompt = self.bos_token + alpaca_prompt(alpaca)
         text = prompt + alpaca["output"] + self.eos_token
         return Rendered(text, [(len(prompt), len(text))], [_response_name(record)])
 
     def prompt(self, record: Record) -> str:
-        return alpaca_prompt(_as_alpaca(record, response=False))
+        return self.bos_token + alpaca_prompt(_as_alpaca(record, response=False))
+
+    @property
+    def jinja(self) -> str:
+        return alpaca_jinja(with_bos=bool(self.bos_token))
+
+
+def alpaca_jinja(with_bos: bool) -> str:
+    """The Alpaca prompt as a chat template: [system,] user[, assistant]; a system message replaces the task
+    description. A chat message has no separate input, so the "### Input:" variant cannot be asked for."""
+    head, after = ALPACA_PROMPT_NO_INPUT.split("{instruction}")
+    cut = head.index("\n\n### Instruction:")
+    description, header = head[:cut], head[cut:]
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+        f"{{%- else -%}}{{%- set system = {_jinja_str(description)} -%}}{{%- set turns = messages -%}}{{%- endif -%}}"
+        "{%- if not turns or turns[0]['role'] != 'user' or turns | length > 2 "
+        "or (turns | length == 2 and turns[1]['role'] != 'assistant') -%}"
+        "{{- raise_exception('the Alpaca prompt takes [system,] user[, assistant]: one exchange') -}}"
+        "{%- endif -%}"
+        + ("{{- bos_token -}}" if with_bos else "")
+        + f"{{{{- system + {_jinja_str(header)} + turns[0]['content'] + {_jinja_str(after)} -}}}}"
+        "{%- if turns | length == 2 -%}{{- turns[1]['content'] + eos_token -}}{%- endif -%}"
+    )
+
+
+def _jinja_str(text: str) -> str:
+    """A jinja string literal (JSON escapes are valid jinja escapes)."""
+    return json.dumps(text)
 
 
 def _as_alpaca(record: Record, response: bool) -> AlpacaRecord:
@@ -122,6 +168,10 @@ class ChatTemplate:
     def __init__(self, tokenizer, source: str | None):
         self.tokenizer = tokenizer
         self.source = source  # None: the tokenizer's own template
+
+    @property
+    def jinja(self) -> str:
+        return self.source if self.source is not None else self.tokenizer.chat_template
 
     def render(self, record: Record) -> Rendered:
         conversation = _as_conversation(record, response=True)
@@ -179,19 +229,21 @@ def _as_conversation(record: Record, response: bool) -> Conversation:
 PROBE_REPLY = "Hello"
 
 
+def probe(response: bool) -> Conversation:
+    """A one-exchange conversation for asking a template how it renders."""
+    messages = [Message(role="user", content="Hi")]
+    if response:
+        messages.append(Message(role="assistant", content=PROBE_REPLY))
+    return Conversation(messages=messages, trained=[False, True][: len(messages)], field="probe", offset=0)
+
+
 def end_of_turn(template: Template) -> str:
     """The text a template closes a response with (what generation must stop on), from a probe exchange.
 
     "" when the template rejects the probe (say it needs a system turn) or rewrites the reply.
     """
-    probe = Conversation(
-        messages=[Message(role="user", content="Hi"), Message(role="assistant", content=PROBE_REPLY)],
-        trained=[False, True],
-        field="probe",
-        offset=0,
-    )
     try:
-        rendered = template.render(probe)
+        rendered = template.render(probe(response=True))
     except BadRecord:
         return ""
     start, end = rendered.spans[0]
