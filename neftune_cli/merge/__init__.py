@@ -28,23 +28,31 @@ side files), ``verify`` (merged model against base + adapter), ``common`` (file 
 
 from __future__ import annotations
 
+import errno
 import re
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from neftune_cli.atomic import atomic_dir
-from neftune_cli.errors import RuntimeFailure, UsageError
+from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RuntimeFailure, UsageError
 from neftune_cli.merge.adapter import _read_adapter, _resolve_adapter_dir
-from neftune_cli.merge.base import _BaseCheckpoint, _resolve_base
+from neftune_cli.merge.base import _BaseCheckpoint, _resolve_base, _same_base
 from neftune_cli.merge.common import ADAPTER_CONFIG, _fmt_bytes, _parse_dtype
-from neftune_cli.merge.plan import _plan
+from neftune_cli.merge.plan import _Plan, _plan
 from neftune_cli.merge.verify import _check_device, _verify
 from neftune_cli.merge.write import (
     _check_disk_space,
     _check_not_overlapping,
     _check_out,
+    _claim,
+    _release,
+    _remove_stale_temps,
+    _write_failure,
     _write_model,
     _write_side_files,
 )
@@ -64,7 +72,6 @@ class MergeResult:
     total_bytes: int  # bytes of tensor data written
     max_abs_logit_diff: float | None  # None when verify=False
     seconds: float  # wall time of the whole merge (verification included)
-
 
 
 def parse_size(size: str | int) -> int:
@@ -89,7 +96,6 @@ def parse_size(size: str | int) -> int:
     return value
 
 
-
 def merge(
     adapter: Path,
     out: Path,
@@ -110,45 +116,17 @@ def merge(
     ``device``: where verification runs. Raises UsageError for bad input, RuntimeFailure when verification fails.
     """
     t0 = time.monotonic()
-    out_torch_dtype = None if str(dtype).lower() == "auto" else _parse_dtype(dtype)
-    shard_limit = parse_size(max_shard_size)
-    if verify:
-        _check_device(device)
-
-    adapter_dir = _resolve_adapter_dir(Path(adapter))
     out = Path(out).expanduser().absolute()
-    _check_out(out, overwrite)
-    adapter_state = _read_adapter(adapter_dir)
-    base_spec = base if base is not None else adapter_state.config.get("base_model_name_or_path")
-    if not base_spec:
-        raise UsageError(
-            f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty; pass --base PATH to the base model"
-        )
-    base_dir = _resolve_base(str(base_spec), adapter_state.config.get("revision"), explicit=base is not None)
-    _check_not_overlapping(out, [adapter_dir, Path(adapter).expanduser().absolute(), base_dir])
-    base_model = _BaseCheckpoint(base_dir)
-    base_model.check_not_quantized()
-
-    plan = _plan(adapter_state, base_model, out_torch_dtype, shard_limit)
-    log(
-        f"merging {adapter_dir} into {base_spec}: {plan.n_lora} LoRA modules"
-        f"{', ' + str(plan.n_replaced) + ' replaced tensors' if plan.n_replaced else ''}, "
-        f"{len(plan.outputs)} tensors, {_fmt_bytes(plan.total_bytes)} as {plan.dtype_name} in {len(plan.shards)} "
-        f"shard{'s' if len(plan.shards) != 1 else ''}"
-    )
-    for note in plan.notes:
-        log(note)
-    _check_disk_space(out.parent, plan.total_bytes)
-
-    diff: float | None = None
     try:
-        with atomic_dir(out) as tmp:  # --overwrite was checked above: the old folder goes only once ours is whole
-            _write_model(plan, base_model, tmp, log)
-            _write_side_files(plan, base_model, adapter_dir, Path(adapter).expanduser().absolute(), tmp)
-            if verify:
-                diff = _verify(base_dir, adapter_dir, tmp, device, plan, log)
-    except OSError as e:
-        raise RuntimeFailure(f"writing {out} failed: {e.strerror or e} ({e.filename or out})") from None
+        with _sigterm_raises():
+            plan, diff = _merge(
+                Path(adapter), out, base=base, dtype=dtype, max_shard_size=max_shard_size, device=device,
+                verify=verify, overwrite=overwrite, log=log,
+            )
+    except KeyboardInterrupt:
+        raise Interrupted(f"merge interrupted; nothing written to {out}", EXIT_SIGINT) from None
+    except _Terminated:
+        raise Interrupted(f"merge interrupted; nothing written to {out}", EXIT_SIGTERM) from None
     seconds = time.monotonic() - t0
     log(f"wrote {out} ({len(plan.shards)} shard{'s' if len(plan.shards) != 1 else ''}, {seconds:.1f}s)")
     return MergeResult(
@@ -161,3 +139,112 @@ def merge(
         max_abs_logit_diff=diff,
         seconds=seconds,
     )
+
+
+def _merge(
+    adapter: Path,
+    out: Path,
+    *,
+    base: str | None,
+    dtype: str,
+    max_shard_size: str,
+    device: str,
+    verify: bool,
+    overwrite: bool,
+    log: Callable[[str], None],
+) -> tuple[_Plan, float | None]:
+    """The checks, the plan and the atomic write of ``merge``; returns the plan and the verified logit diff."""
+    out_torch_dtype = None if str(dtype).lower() == "auto" else _parse_dtype(dtype)
+    shard_limit = parse_size(max_shard_size)
+    if verify:
+        _check_device(device)
+
+    adapter_dir = _resolve_adapter_dir(adapter)
+    _check_out(out, overwrite)
+    adapter_state = _read_adapter(adapter_dir)
+    base_spec = base if base is not None else adapter_state.config.get("base_model_name_or_path")
+    if not base_spec:
+        raise UsageError(
+            f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty; pass --base PATH to the base model"
+        )
+    base_dir = _resolve_base(str(base_spec), adapter_state.config.get("revision"), explicit=base is not None)
+    _check_not_overlapping(out, [adapter_dir, adapter.expanduser().absolute(), base_dir])
+    base_model = _BaseCheckpoint(base_dir)
+    base_model.check_not_quantized()
+    recorded = adapter_state.config.get("base_model_name_or_path")
+    if base is not None and recorded and not _same_base(str(base), str(recorded)):
+        log(
+            f"warning: --base {base} is not the base this adapter was trained on ({adapter_dir / ADAPTER_CONFIG} "
+            f"says {recorded}); merging anyway"
+        )
+
+    plan = _plan(adapter_state, base_model, out_torch_dtype, shard_limit)
+    log(
+        f"merging {adapter_dir} into {base_spec}: {plan.n_lora} LoRA modules"
+        f"{', ' + str(plan.n_replaced) + ' replaced tensors' if plan.n_replaced else ''}, "
+        f"{len(plan.outputs)} tensors, {_fmt_bytes(plan.total_bytes)} as {plan.dtype_name} in {len(plan.shards)} "
+        f"shard{'s' if len(plan.shards) != 1 else ''}"
+    )
+    for note in plan.notes:
+        log(note)
+    _remove_stale_temps(out, log)  # before the free-space check: their space is ours again
+    _check_disk_space(out.parent, plan.total_bytes)
+
+    diff: float | None = None
+    tmp: Path | None = None
+    try:
+        with atomic_dir(out) as tmp:  # --overwrite was checked above: the old folder goes only once ours is whole
+            _claim(tmp)
+            _write_model(plan, base_model, tmp, log, out)
+            _write_side_files(plan, base_model, adapter_dir, adapter.expanduser().absolute(), tmp)
+            if verify:
+                diff = _verify(base_dir, adapter_dir, tmp, device, plan, log)
+            _release(tmp)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _write_failure(e, _shown(e.filename, tmp, out)) from None
+        raise RuntimeFailure(f"writing {out} failed: {e.strerror or e} ({e.filename or out})") from None
+    return plan, diff
+
+
+def _shown(filename, tmp: Path | None, out: Path) -> Path | str:
+    """A path inside the temporary folder as the user will know it: under ``out``."""
+    if not filename:
+        return out
+    if tmp is not None:
+        try:
+            return out / Path(filename).relative_to(tmp)
+        except ValueError:
+            pass
+    return filename
+
+
+class _Terminated(BaseException):
+    """Raised by our SIGTERM handler. A BaseException, so no ``except Exception`` on the way swallows it, and every
+    ``finally`` (the temporary folder's removal in atomic_dir) runs, as for Ctrl-C's KeyboardInterrupt."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While merging, SIGTERM raises _Terminated instead of killing the process with its temporary folder in place.
+
+    Only in the main thread (where Python runs signal handlers), and not when SIGTERM is ignored on purpose. The
+    handler fires once: a second SIGTERM while cleaning up is ignored rather than cutting the cleanup short.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

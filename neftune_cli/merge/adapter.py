@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from neftune_cli.errors import UsageError
-from neftune_cli.merge.common import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from neftune_cli.merge.common import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _check_safetensors, _first_line
 
 # LoraConfig fields whose non-default value means the adapter is not a plain (mergeable) LoRA.
 _UNSUPPORTED_FIELDS = {
@@ -38,9 +38,34 @@ def _resolve_adapter_dir(adapter: Path) -> Path:
         return final
     if (adapter / ADAPTER_CONFIG).is_file():
         return adapter
+    if not final.exists():
+        _refuse_unfinished_run(adapter)
     where = f"{adapter}" + (f" (nor in {final})" if final.is_dir() else "")
     raise UsageError(f"missing {ADAPTER_CONFIG} in {where}: not a PEFT adapter directory")
 
+
+_RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "neftune-run.json")  # what only a `neftune train` run dir holds
+
+
+def _refuse_unfinished_run(run: Path) -> None:
+    """A training run dir without final/ (stopped early, or still training): point at its latest checkpoint."""
+    from neftune_cli.checkpoint import RunDir
+
+    rd = RunDir(run)
+    if not any((run / name).exists() for name in _RUN_ENTRIES):
+        return  # not one of our runs: the caller says what is missing
+    latest = rd.latest_checkpoint()
+    if latest is None:
+        raise UsageError(f"{run} is a training run with no final/ and no complete checkpoint yet: nothing to merge")
+    if not (latest / ADAPTER_CONFIG).is_file():
+        raise UsageError(
+            f"{run} is a training run with no final/ yet, and its latest checkpoint {latest} holds no LoRA adapter "
+            "(finetune: full?): nothing to merge"
+        )
+    raise UsageError(
+        f"{run} is a training run with no final/ yet (stopped early?); merge its latest checkpoint instead: "
+        f"neftune merge {latest} --out ..."
+    )
 
 
 @dataclass
@@ -49,7 +74,6 @@ class _AdapterState:
     config: dict
     tensors: dict[str, torch.Tensor]
     weights_file: Path
-
 
 
 def _read_adapter(adapter_dir: Path) -> _AdapterState:
@@ -73,15 +97,19 @@ def _read_adapter(adapter_dir: Path) -> _AdapterState:
     weights = next((adapter_dir / w for w in ADAPTER_WEIGHTS if (adapter_dir / w).is_file()), None)
     if weights is None:
         raise UsageError(f"missing {ADAPTER_WEIGHTS[0]} (or {ADAPTER_WEIGHTS[1]}) in {adapter_dir}")
-    try:
-        if weights.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        _check_safetensors(weights)
+        try:
             tensors = load_file(str(weights))
-        else:
+        except Exception:  # noqa: BLE001 - what the structural check cannot see (a dtype this build lacks, ...)
+            raise UsageError(f"{weights}: not a valid safetensors file (truncated or corrupt)") from None
+    else:
+        try:
             tensors = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - corrupt or foreign file
-        raise UsageError(f"{weights}: cannot read adapter weights ({type(e).__name__}: {e})") from None
+        except Exception as e:  # noqa: BLE001 - corrupt or foreign file
+            raise UsageError(f"{weights}: cannot read adapter weights ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise UsageError(f"{weights}: expected a mapping of tensor names to tensors")
     if not tensors:
@@ -89,12 +117,10 @@ def _read_adapter(adapter_dir: Path) -> _AdapterState:
     return _AdapterState(adapter_dir, config, tensors, weights)
 
 
-
 _LORA_RE = re.compile(
     r"^(?P<mod>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?P<name>(?!(?:weight|bias)$)[^.]+))?(?:\.(?P<param>weight|bias))?$"
 )
-
 
 
 @dataclass
@@ -111,7 +137,6 @@ class _LoraModule:
     fan_in_fan_out: bool = False
 
 
-
 @dataclass
 class _Replacement:
     tensor: torch.Tensor
@@ -119,13 +144,11 @@ class _Replacement:
     kind: str  # "modules_to_save" | "base_layer" | "plain"
 
 
-
 def _strip_prefix(key: str) -> str:
     for p in ("base_model.model.", "base_model."):
         if key.startswith(p):
             return key[len(p) :]
     return key
-
 
 
 def _parse_adapter_keys(state: _AdapterState) -> tuple[dict[str, _LoraModule], dict[str, _Replacement]]:
@@ -197,7 +220,6 @@ def _parse_adapter_keys(state: _AdapterState) -> tuple[dict[str, _LoraModule], d
         if state.config.get("use_dora") and lm.magnitude is None:
             raise UsageError(f"{wfile}: use_dora is set but {lm.module} has no lora_magnitude_vector")
     return loras, repl
-
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -17,6 +17,7 @@ from neftune_cli.merge.common import (
     BIN_FILES,
     SAFE_INDEX,
     SAFE_SINGLE,
+    _check_safetensors,
 )
 
 
@@ -32,6 +33,26 @@ def _resolve_base(spec: str, revision: str | None, *, explicit: bool) -> Path:
         raise UsageError(f"base model directory {spec} does not exist{hint}")
     return _snapshot_base(spec, revision)
 
+
+def _same_base(given: str, recorded: str) -> bool:
+    """Whether ``--base`` names the base recorded in adapter_config.json (base_model_name_or_path).
+
+    Two local folders are the same when they resolve to the same folder; two hub ids when they are equal (hub ids
+    ignore case). A local folder and a name that is not a local folder here (a hub id, or a path on the machine
+    the adapter was trained on) are taken as the same when the folder is that repo's hub-cache snapshot or has the
+    same last name (``/models/Llama-2-7b-hf`` for ``meta-llama/Llama-2-7b-hf``): a local copy, not another model.
+    """
+    g, r = Path(given).expanduser(), Path(recorded).expanduser()
+    g_dir, r_dir = g.is_dir(), r.is_dir()
+    if g_dir and r_dir:
+        return g.resolve() == r.resolve()
+    if not g_dir and not r_dir:
+        return given.strip().rstrip("/").casefold() == recorded.strip().rstrip("/").casefold()
+    local, name = (g.resolve(), recorded) if g_dir else (r.resolve(), given)
+    name = name.strip().rstrip("/")
+    if "models--" + name.replace("/", "--") in local.parts:  # huggingface_hub cache: models--org--name/snapshots/..
+        return True
+    return local.name.casefold() == Path(name).name.casefold()
 
 
 def _snapshot_base(repo_id: str, revision: str | None) -> Path:
@@ -85,7 +106,6 @@ def _snapshot_base(repo_id: str, revision: str | None) -> Path:
     return snap
 
 
-
 class _BaseCheckpoint:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -99,6 +119,7 @@ class _BaseCheckpoint:
         self.files = self._weight_files()
         self.entries: dict[str, st.TensorEntry] = {}
         for f in self.files:
+            _check_safetensors(f)
             for name, entry in st.read_header(f).items():
                 if name in self.entries:
                     raise UsageError(f"base model {path}: tensor {name} appears in two shards")
@@ -194,7 +215,6 @@ class _BaseCheckpoint:
         return hits[0] if len(hits) == 1 else None
 
 
-
 def _auto_dtype(base: _BaseCheckpoint) -> torch.dtype:
     """The base's config dtype, else the most common stored floating dtype."""
     name = str(base.config_value("dtype") or base.config_value("torch_dtype") or "").replace("torch.", "")
@@ -203,7 +223,6 @@ def _auto_dtype(base: _BaseCheckpoint) -> torch.dtype:
     stored = [e.dtype for e in base.entries.values() if e.dtype in ("F16", "BF16", "F32")]
     common = max(set(stored), key=stored.count) if stored else "F32"
     return {"F16": torch.float16, "BF16": torch.bfloat16}.get(common, torch.float32)
-
 
 
 def _meta_model(base_dir: Path):
@@ -218,14 +237,12 @@ def _meta_model(base_dir: Path):
         return None
 
 
-
 def _output_embedding_name(base_dir: Path) -> str | None:
     model = _meta_model(base_dir)
     out = model.get_output_embeddings() if model is not None else None
     if out is None:
         return None
     return next((f"{name}.weight" for name, mod in model.named_modules() if mod is out), None)
-
 
 
 def _module_kinds(base_dir: Path) -> dict[str, str]:

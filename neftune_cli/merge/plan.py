@@ -44,7 +44,6 @@ class _Output:
         return math.prod(self.shape) * st.ST_DTYPES[self.st_dtype][1]
 
 
-
 @dataclass
 class _Plan:
     outputs: list[_Output]
@@ -345,7 +344,6 @@ def _nearly_equal(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> bool:
     )
 
 
-
 def _check_loras(cfg, wfile, lora_by_base, bias_by_base, base, effective_shape, mismatch) -> None:
     """Shapes, ranks, scalings and layouts of the LoRA modules against the (effective) base tensors."""
     fif_cfg = bool(cfg.get("fan_in_fan_out"))
@@ -394,7 +392,6 @@ def _check_loras(cfg, wfile, lora_by_base, bias_by_base, base, effective_shape, 
                 f"{name}: adapter expects {_shape(tuple(lm.B_bias.shape))} but base has "
                 f"{_shape(base.entries[name].shape)} - {mismatch}"
             )
-
 
 
 def _any_transposed(loras: dict[str, _LoraModule], base: _BaseCheckpoint) -> bool:

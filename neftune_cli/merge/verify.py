@@ -38,11 +38,9 @@ def _check_device(device: str) -> None:
         raise UsageError(f"device {device!r} requested for verification but CUDA is not available (use --device cpu)")
 
 
-
 def _probe_ids(vocab: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(_PROBE_SEED)
     return torch.randint(0, vocab, _PROBE_SHAPE, generator=g)
-
 
 
 def _verify(base_dir: Path, adapter_dir: Path, merged_dir: Path, device: str, plan: _Plan, log) -> float:

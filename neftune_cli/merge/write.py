@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import math
 import os
+import re
 import shutil
+import socket
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from neftune_cli import faults
 from neftune_cli import safetensors_io as st
+from neftune_cli.atomic import STALE_S, TMP_PREFIX
 from neftune_cli.errors import RuntimeFailure, UsageError
 from neftune_cli.merge.common import (
     _FLOAT_ST,
@@ -29,6 +35,8 @@ if TYPE_CHECKING:
     from neftune_cli.merge.base import _BaseCheckpoint
     from neftune_cli.merge.plan import _Output, _Plan
 
+_OWNER_FILE = ".neftune-merge-owner"  # in a merge's temporary folder: {"pid", "host"} of the process writing it
+
 
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() or out.is_symlink():
@@ -41,9 +49,76 @@ def _check_out(out: Path, overwrite: bool) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create {out.parent}: {e.strerror or e}") from None
+    if not out.parent.is_dir():
+        raise UsageError(f"output folder {out.parent} is not a directory")
     if not os.access(out.parent, os.W_OK):
         raise UsageError(f"output folder {out.parent} is not writable")
 
+
+def _remove_stale_temps(out: Path, log: Callable[[str], None]) -> None:
+    """Remove the temporary folders that earlier merges into ``out`` left beside it when killed (kill -9, power loss).
+
+    Only ours and only for this target: ``.tmp-<out name>-XXXXXXXX``, the names ``atomic_dir`` gives. A folder whose
+    owner file names a process that is still alive on this host is another merge at work and is left alone; one
+    without an owner file (killed before writing it, or written on another host) goes only when older than
+    ``atomic.STALE_S``.
+    """
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX + out.name)}-[a-z0-9_]{{8}}")
+    removed = []
+    for p in out.parent.iterdir():
+        if not pattern.fullmatch(p.name) or not p.is_dir() or p.is_symlink():
+            continue
+        alive = _owner_alive(p)
+        try:
+            old = time.time() - p.stat().st_mtime > STALE_S
+        except OSError:
+            continue
+        if alive is False or (alive is None and old):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    if removed:
+        log(f"removed {len(removed)} temporary folder(s) that an interrupted merge left beside {out}: "
+            f"{', '.join(removed)}")
+
+
+def _claim(tmp: Path) -> None:
+    """Mark ``tmp`` as this process's work in progress (see _remove_stale_temps)."""
+    (tmp / _OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+
+
+def _release(tmp: Path) -> None:
+    (tmp / _OWNER_FILE).unlink(missing_ok=True)
+
+
+def _owner_alive(tmp: Path) -> bool | None:
+    """Whether the process that owns ``tmp`` is still running; None when that cannot be told."""
+    try:
+        info = json.loads((tmp / _OWNER_FILE).read_text())
+        pid, host = int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname() or pid <= 0:
+        return None
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, run by another user
+        return True
+    except OSError:
+        return None
+    return True
+
+
+def _write_failure(e: OSError, path: Path | str) -> RuntimeFailure:
+    """One line for a failed write; a full disk (or quota) is named as such."""
+    if e.errno == errno.ENOSPC:
+        return RuntimeFailure(f"disk full while writing {path} (the write failed: {e.strerror or e})")
+    if e.errno == errno.EDQUOT:
+        return RuntimeFailure(f"disk quota exceeded while writing {path} (the write failed: {e.strerror or e})")
+    return RuntimeFailure(f"writing {path} failed: {e.strerror or e}")
 
 
 def _check_not_overlapping(out: Path, inputs: Iterable[Path]) -> None:
@@ -52,7 +127,6 @@ def _check_not_overlapping(out: Path, inputs: Iterable[Path]) -> None:
         r = p.resolve()
         if o == r or o in r.parents:
             raise UsageError(f"output directory {out} would replace the input {p}; choose another --out")
-
 
 
 def _check_disk_space(folder: Path, nbytes: int) -> None:
@@ -68,7 +142,6 @@ def _check_disk_space(folder: Path, nbytes: int) -> None:
         )
 
 
-
 def _lora_delta(lm: _LoraModule) -> torch.Tensor:
     """scaling * B @ A in float32, laid out like the base weight (exactly peft's get_delta_weight arithmetic)."""
     A, B = lm.A.float(), lm.B.float()
@@ -76,7 +149,6 @@ def _lora_delta(lm: _LoraModule) -> torch.Tensor:
     if lm.embedding or lm.fan_in_fan_out:
         delta = delta.T
     return delta.mul_(lm.scaling)  # in place: same arithmetic as peft's `* scaling`, one full-size buffer less
-
 
 
 def _apply_lora(w: torch.Tensor, lm: _LoraModule) -> torch.Tensor:
@@ -96,7 +168,6 @@ def _apply_lora(w: torch.Tensor, lm: _LoraModule) -> torch.Tensor:
     else:
         factor = (mag / torch.linalg.norm(combined, dim=1)).view(-1, 1)
     return factor * combined
-
 
 
 def _produce(o: _Output, reader: st.Reader, out_dtype: torch.dtype) -> torch.Tensor:
@@ -119,8 +190,11 @@ def _produce(o: _Output, reader: st.Reader, out_dtype: torch.dtype) -> torch.Ten
     return t
 
 
-
-def _write_model(plan: _Plan, base: _BaseCheckpoint, folder: Path, log: Callable[[str], None]) -> None:
+def _write_model(
+    plan: _Plan, base: _BaseCheckpoint, folder: Path, log: Callable[[str], None], out: Path | None = None
+) -> None:
+    """Write the shards (and their index) into ``folder``; messages name the files as ``out`` (the final folder)."""
+    shown = out or folder
     reader = st.Reader()
     weight_map: dict[str, str] = {}
     try:
@@ -136,7 +210,9 @@ def _write_model(plan: _Plan, base: _BaseCheckpoint, folder: Path, log: Callable
             try:
                 st.write_shard(folder / fname, items, {"format": "pt"})
             except OSError as e:
-                raise RuntimeFailure(f"writing {folder / fname} failed: {e.strerror or e}") from None
+                raise _write_failure(e, shown / fname) from None
+            if i == 0:
+                faults.checkpoint("merge-write")
             merged = sum(1 for o in shard if o.lora is not None or o.bias_lora is not None)
             replaced = sum(1 for o in shard if o.replacement is not None)
             extra = f", {replaced} replaced" if replaced else ""
@@ -151,7 +227,6 @@ def _write_model(plan: _Plan, base: _BaseCheckpoint, folder: Path, log: Callable
         params = sum(math.prod(o.shape) for o in plan.outputs)
         index = {"metadata": {"total_parameters": params, "total_size": plan.total_bytes}, "weight_map": weight_map}
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
 
 
 def _write_side_files(plan: _Plan, base: _BaseCheckpoint, adapter_dir: Path, given: Path, folder: Path) -> None:

@@ -1,0 +1,29 @@
+"""A test hook for fault-injection tests: make a process stop at a named point so a test can signal or kill it there.
+
+``checkpoint(name)`` does nothing unless the environment variable ``NEFTUNE_TEST_PAUSE_AT`` equals ``name``. Then it
+touches the file named by ``NEFTUNE_TEST_PAUSE_FILE`` (the test waits for it) and sleeps until the process is
+signalled or killed, at most 60 seconds, after which it returns and the process carries on. No sleeps in tests, no
+races: the test knows the process is exactly there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+PAUSE_AT = "NEFTUNE_TEST_PAUSE_AT"
+PAUSE_FILE = "NEFTUNE_TEST_PAUSE_FILE"
+MAX_PAUSE_S = 60.0
+
+
+def checkpoint(name: str) -> None:
+    """Pause here when ``NEFTUNE_TEST_PAUSE_AT`` names this point (tests only; a no-op otherwise)."""
+    if os.environ.get(PAUSE_AT) != name:
+        return
+    ready = os.environ.get(PAUSE_FILE)
+    if ready:
+        Path(ready).touch()
+    deadline = time.monotonic() + MAX_PAUSE_S
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
