@@ -12,18 +12,33 @@ or the new one, never half of one.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import shutil
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from neftune_cli.atomic import atomic_dir, atomic_file
-from neftune_cli.errors import UsageError
+from neftune_cli.atomic import TMP_PREFIX, atomic_dir, atomic_file
+from neftune_cli.console import log
+from neftune_cli.errors import UsageError, first_line
+
+if TYPE_CHECKING:
+    from neftune_cli.tokenizer_files import TokenizerFiles
 
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
+RUN_MARKER = "neftune-run.json"  # what makes a folder recognisably one of our runs (and so ours to delete)
+LOCK_FILE = ".lock"
+# Everything a run directory may hold. --overwrite deletes only a folder holding nothing else.
+RUN_ENTRIES = {RUN_MARKER, LOCK_FILE, "recipe.yaml", "data_report.json", "metrics.jsonl", "checkpoints", "final"}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -34,22 +49,77 @@ class RunDir:
         self.metrics = root / "metrics.jsonl"
         self.final = root / "final"
 
-    def prepare(self, *, resume: bool, overwrite: bool) -> Path | None:
-        """Create the run dir; return the checkpoint to resume from, if resuming."""
-        exists = self.root.exists() and any(self.root.iterdir())
-        if resume:
-            latest = self.latest_checkpoint()
-            if latest is None:
-                raise UsageError(f"--resume: no checkpoint in {self.checkpoints} to resume from")
-            return latest
-        if exists and not overwrite:
+    @contextmanager
+    def locked(self):
+        """Hold the run directory for this process: a second `train` on it fails at once, naming the holder.
+
+        The lock is an flock on output.dir/.lock, so it dies with its process (kill -9 included).
+        """
+        self._check_usable()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"output.dir {self.root}: cannot write there ({e.strerror})") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+                raise UsageError(f"output.dir {self.root} is in use by {holder}; wait for it to finish or choose "
+                                 "another output.dir") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"neftune train (pid {os.getpid()} on {socket.gethostname()}, since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _check_usable(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"output.dir {self.root} is a file, not a folder; choose another output.dir")
+        foreign = self._foreign_entries()
+        if foreign:
             raise UsageError(
-                f"output.dir {self.root} already holds a run; use --resume to continue it or --overwrite to start over"
+                f"output.dir {self.root} holds {foreign[0]!r}, which is not part of a neftune run; choose an empty "
+                "or new output.dir (nothing in it was changed)"
             )
-        if exists:
-            shutil.rmtree(self.root)
-        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _foreign_entries(self) -> list[str]:
+        """Entries of a non-empty output.dir that we did not write (everything, if it has no run marker)."""
+        if not self.root.is_dir():
+            return []
+        names = sorted(p.name for p in self.root.iterdir())
+        if names and RUN_MARKER not in names:
+            return names
+        return [n for n in names if n not in RUN_ENTRIES and not n.startswith(TMP_PREFIX)]
+
+    def prepare(self, *, resume: bool, overwrite: bool) -> None:
+        """Under the lock: clear what crashed writes left; unless resuming, start a new run here."""
+        self._remove_debris()
+        if resume:
+            return
+        if any((self.root / name).exists() for name in RUN_ENTRIES - {RUN_MARKER, LOCK_FILE}):
+            if not overwrite:
+                raise UsageError(f"output.dir {self.root} already holds a run; use --resume to continue it or "
+                                 "--overwrite to delete it and start over")
+            for name in RUN_ENTRIES - {LOCK_FILE}:
+                path = self.root / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        with atomic_file(self.root / RUN_MARKER) as f:
+            json.dump({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
         return None
+
+    def _remove_debris(self) -> None:
+        """Temporary folders and files of a write that a crash (kill -9, power loss) interrupted: ours, and no
+        other process is writing here (we hold the lock)."""
+        debris = [p for folder in (self.root, self.checkpoints) if folder.is_dir()
+                  for p in folder.glob(f"{TMP_PREFIX}*")]
+        for path in debris:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if debris:
+            log(f"removed {len(debris)} temporary file(s) left by an interrupted run: "
+                f"{', '.join(p.name for p in debris[:3])}{' ...' if len(debris) > 3 else ''}")
 
     def checkpoint_steps(self) -> list[int]:
         if not self.checkpoints.is_dir():
@@ -83,45 +153,84 @@ def save_model(model, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def load_model_weights(model, folder: Path) -> None:
-    """Load weights saved by save_model back into the same (freshly built) model, exactly."""
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that cannot be read back (truncated, overwritten, from another version)."""
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    weights: dict[str, torch.Tensor]
+    state: dict  # optimizer, scheduler, rng, step
+    meta: dict  # recipe, fingerprints, step
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """Read every file of a checkpoint into memory (nothing is applied yet), or raise CorruptCheckpoint."""
     from safetensors.torch import load_file
 
+    def read(name: str, loader):
+        try:
+            return loader(folder / name)
+        except Exception as e:  # noqa: BLE001 - safetensors, torch.load and json raise many types
+            raise CorruptCheckpoint(f"{folder / name}: unreadable ({first_line(e)})") from None
+
+    if (folder / "adapter_model.safetensors").exists():
+        files = ["adapter_model.safetensors"]
+    elif (folder / "model.safetensors.index.json").exists():
+        index = read("model.safetensors.index.json", lambda p: json.loads(p.read_text()))
+        files = sorted(set(index["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    weights = {}
+    for name in files:
+        weights.update(read(name, load_file))
+    state = read(STATE_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    meta = read(META_FILE, lambda p: json.loads(p.read_text()))
+    return Checkpoint(folder, weights, state, meta)
+
+
+def latest_intact_checkpoint(run: RunDir) -> Checkpoint:
+    """The newest checkpoint that reads back whole; a damaged one is named and skipped (never deleted)."""
+    steps = run.checkpoint_steps()
+    if not steps:
+        raise UsageError(f"--resume: no checkpoint in {run.checkpoints} to resume from")
+    for step in reversed(steps):
+        try:
+            return read_checkpoint(run.checkpoints / f"step-{step}")
+        except CorruptCheckpoint as e:
+            log(f"warning: {e}; trying the checkpoint before it")
+    raise UsageError(f"--resume: no intact checkpoint in {run.checkpoints} (all {len(steps)} are damaged)")
+
+
+def load_weights(model, checkpoint: Checkpoint) -> None:
+    """Put a checkpoint's weights (saved by save_model) into the same freshly built model, exactly."""
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, checkpoint.weights)
         if getattr(result, "unexpected_keys", None):
-            raise UsageError(f"{folder}: adapter does not fit the model: {result.unexpected_keys[0]}")
+            raise UsageError(f"{checkpoint.folder}: adapter does not fit the model: {result.unexpected_keys[0]}")
         return
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    state = {}
-    for name in files:
-        state.update(load_file(folder / name))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(checkpoint.weights, strict=False)
     tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
     if unexpected or set(missing) - tied:
-        raise UsageError(f"{folder}: weights do not fit the model ({(unexpected or missing)[0]})")
+        raise UsageError(f"{checkpoint.folder}: weights do not fit the model ({(unexpected or missing)[0]})")
 
 
-def save_checkpoint(run: RunDir, step: int, model, trainer_state: dict, meta: dict, keep_last: int) -> Path:
+def save_checkpoint(
+    run: RunDir, step: int, model, trainer_state: dict, meta: dict, keep_last: int, hand_on: TokenizerFiles
+) -> Path:
     target = run.checkpoints / f"step-{step}"
     with atomic_dir(target) as tmp:
         save_model(model, tmp)
+        hand_on.write(tmp)  # a checkpoint serves (or merges) like final/
         torch.save(trainer_state, tmp / STATE_FILE)
         # meta.json last: a folder without it is not a checkpoint (see checkpoint_steps)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     run.prune(keep_last)
     return target
-
-
-def load_checkpoint(folder: Path, model) -> tuple[dict, dict]:
-    """Load weights into `model`; return (trainer_state, meta)."""
-    load_model_weights(model, folder)
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    meta = json.loads((folder / META_FILE).read_text())
-    return state, meta

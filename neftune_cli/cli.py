@@ -23,7 +23,7 @@ from neftune_cli import __version__
 from neftune_cli.console import err, log, out, stdout_is_tty
 from neftune_cli.data.cli import app as data_app
 from neftune_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError
-from neftune_cli.recipe import load_recipe, warnings_for
+from neftune_cli.recipe import load_recipe
 
 app = typer.Typer(
     name="neftune",
@@ -65,7 +65,7 @@ def validate(
     Example: neftune validate recipes/llama2-alpaca.yaml --set train.lr=1e-4
     """
     loaded = load_recipe(recipe, set_)
-    for warning in warnings_for(loaded.recipe):
+    for warning in loaded.warnings():
         log(f"warning: {warning}")
     resolved = loaded.recipe.model_dump(mode="json")
     if as_json:

@@ -51,3 +51,10 @@ class Interrupted(NeftuneError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """A library's exception as one bounded line, for messages that wrap it (jinja, datasets, safetensors)."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[:limit] + "..."

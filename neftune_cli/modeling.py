@@ -30,6 +30,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def apply_rope_scaling(config, scaling: dict) -> None:
+    """Set RoPE scaling on a model config the way the installed transformers reads it, and validate it there.
+
+    transformers 5 keeps rope_theta inside ``rope_parameters`` (assigning ``rope_scaling`` drops it); 4.x reads
+    ``rope_scaling`` beside ``rope_theta``.
+    """
+    try:
+        if isinstance(getattr(config, "rope_parameters", None), dict):
+            config.rope_parameters = {**config.rope_parameters, **scaling}
+            config.validate_rope()
+        else:
+            from transformers.modeling_rope_utils import rope_config_validation
+
+            config.rope_scaling = {**scaling, "type": scaling["rope_type"]}
+            rope_config_validation(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise UsageError(f"model.rope_scaling: {str(e).strip(chr(34)).splitlines()[0]}") from None
+
+
 def load_model(recipe: Recipe, device: torch.device):
     """The model to train: the base in the recipe's dtype, wrapped with LoRA unless finetune is full."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -41,7 +60,7 @@ def load_model(recipe: Recipe, device: torch.device):
     except (OSError, ValueError) as e:
         raise UsageError(f"model.name_or_path: cannot load {path}: {str(e).splitlines()[0]}") from None
     if spec.rope_scaling is not None:
-        config.rope_scaling = spec.rope_scaling
+        apply_rope_scaling(config, spec.rope_scaling.as_config())
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=resolve_dtype(spec.dtype, device),
         attn_implementation=spec.attn_implementation, trust_remote_code=spec.trust_remote_code,

@@ -22,7 +22,39 @@ BUILTIN_PREFIX = "builtin:"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: YAML reads 1e309 as infinity and .nan as NaN; no key of ours means either.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+class RopeScaling(Section):
+    """The keys transformers' RoPE scaling reads; which of them a type requires is checked at model load."""
+
+    type: Literal[ROPE_TYPES] = Field(description="Scaling method (HF configs also call this key rope_type).")
+    factor: float = Field(gt=0, description="Context extension factor.")
+    original_max_position_embeddings: int | None = Field(None, ge=1, description="Pre-extension context (yarn...).")
+    attention_factor: float | None = Field(None, gt=0, description="yarn / longrope attention scaling.")
+    beta_fast: float | None = Field(None, description="yarn.")
+    beta_slow: float | None = Field(None, description="yarn.")
+    low_freq_factor: float | None = Field(None, description="llama3.")
+    high_freq_factor: float | None = Field(None, description="llama3.")
+    short_factor: list[float] | None = Field(None, description="longrope.")
+    long_factor: list[float] | None = Field(None, description="longrope.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rope_type_alias(cls, raw):
+        if isinstance(raw, dict) and "rope_type" in raw:
+            raw = dict(raw)
+            rope_type = raw.pop("rope_type")
+            if raw.setdefault("type", rope_type) != rope_type:
+                raise ValueError("type and rope_type differ; give one of them")
+        return raw
+
+    def as_config(self) -> dict[str, Any]:
+        return {"rope_type": self.type, **self.model_dump(exclude={"type"}, exclude_none=True)}
 
 
 class ModelSection(Section):
@@ -36,8 +68,10 @@ class ModelSection(Section):
         "sdpa", description="Attention kernel passed to transformers."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub. Only when you trust it.")
-    rope_scaling: dict[str, Any] | None = Field(
-        None, description="Passed to the model config, e.g. {type: linear, factor: 2}."
+    rope_scaling: RopeScaling | None = Field(
+        None,
+        description="RoPE scaling for the model config, e.g. {type: linear, factor: 2}; type is one of "
+        + ", ".join(ROPE_TYPES) + ".",
     )
 
 
@@ -95,6 +129,18 @@ class DataSection(Section):
         "[system, user: instruction + blank line + input, assistant: output].",
     )
     chat_template: str | None = Field(None, description="Jinja chat template, used when template is custom.")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _jinja_syntax(cls, template: str | None) -> str | None:
+        if template:
+            import jinja2
+
+            try:
+                jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+            except jinja2.TemplateSyntaxError as e:
+                raise ValueError(f"jinja syntax error at line {e.lineno} of the template: {e.message}") from None
+        return template
     max_seq_len: int = Field(512, ge=8, description="Longest example in tokens.")
     overlength: Literal["truncate", "drop"] = Field(
         "truncate", description="Longer examples: truncate (keep the start) or drop. Both are counted."
@@ -178,7 +224,9 @@ class TrainSection(Section):
 
 
 class OutputSection(Section):
-    dir: str = Field(description="Run directory (relative to the current working directory).")
+    dir: str = Field(
+        min_length=1, pattern=r"\S", description="Run directory (relative to the current working directory)."
+    )
 
 
 class Recipe(Section):
@@ -216,6 +264,13 @@ def warnings_for(recipe: Recipe) -> list[str]:
 # --- loading ---------------------------------------------------------------------------------------
 
 
+# A recipe is a few hundred values. Bounds far above that stop YAML alias bombs (a few lines that expand to
+# billions of values) before anything walks, validates or prints the expansion.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000
+MAX_SHOWN_CHARS = 200  # longest value echoed in a message
+
+
 class LoadedRecipe(BaseModel):
     """A validated recipe with where it came from and where each value came from."""
 
@@ -224,36 +279,55 @@ class LoadedRecipe(BaseModel):
     recipe: Recipe
     path: Path
     provenance: dict[str, str]  # dotted key -> "default" | "recipe" | "--set"
+    file_warnings: list[str] = []  # about the file itself (duplicate keys)
 
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    def warnings(self) -> list[str]:
+        """Everything valid but probably unintended: said by validate, train and data before any work."""
+        return self.file_warnings + warnings_for(self.recipe)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
     """Read, override, validate and resolve a recipe file. Raises RecipeError with one line per problem."""
     path = Path(path)
     where = str(path)
+    if path.is_dir():
+        raise RecipeError(f"{path} is a folder; give the recipe's YAML file")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"the file is {path.stat().st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}",
+                              where)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError("not a UTF-8 text file", where) from None
+    except OSError as e:
+        raise RecipeError(f"cannot read the file: {e.strerror}", where) from None
+    loader = _RecipeLoader(text)
+    try:
+        raw = loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise RecipeError(f"YAML syntax error at {line}{problem}", where) from None
-    except UnicodeDecodeError:
-        raise RecipeError("not a UTF-8 text file", where) from None
+    finally:
+        loader.dispose()
     if raw is None:
         raise RecipeError("the file is empty; a recipe needs at least model, data and output sections", where)
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe is a mapping of sections (model, data, ...), not a {type(raw).__name__}", where)
+    if _count_values(raw, MAX_RECIPE_VALUES) > MAX_RECIPE_VALUES:
+        raise RecipeError(f"the recipe expands to more than {MAX_RECIPE_VALUES:,} values (YAML aliases?)", where)
 
     set_keys = []
     for item in overrides or []:
         set_keys.append(apply_override(raw, item))
-    recipe = validate(raw, where)
+    recipe = validate(raw, where, set_keys)
     recipe = resolve_paths(recipe, path.parent, where)
     provenance = {}
     recipe_leaves = set(_leaves(raw))
@@ -264,14 +338,62 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
             provenance[key] = "recipe"
         else:
             provenance[key] = "default"
-    return LoadedRecipe(recipe=recipe, path=path.resolve(), provenance=provenance)
+    warnings = [f"{where}: {w}" for w in loader.duplicates]
+    return LoadedRecipe(recipe=recipe, path=path.resolve(), provenance=provenance, file_warnings=warnings)
 
 
-def validate(raw: dict, where: str | None = None) -> Recipe:
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that records duplicate keys (plain YAML silently keeps the last one)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                self.duplicates.append(f"line {key_node.start_mark.line + 1}: duplicate key {_shown(key)} "
+                                       "(the last one wins)")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_values(tree: Any, limit: int) -> int:
+    """Values in the tree as if every alias were written out; stops counting past `limit`."""
+    count, stack = 0, [tree]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
+def _shown(value: Any) -> str:
+    """A value as messages echo it: JSON, cut to MAX_SHOWN_CHARS."""
+    try:
+        text = json.dumps(value, default=str)
+    except (ValueError, RecursionError):
+        text = repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + f"... ({len(text):,} chars)"
+
+
+def validate(raw: dict, where: str | None = None, set_keys: list[str] = ()) -> Recipe:
+    """The Recipe, or a RecipeError blaming each problem on the file or on the --set that made it."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError([_describe(err) for err in e.errors()], where) from None
+        problems = []
+        for error in e.errors():
+            key = _dotted(error.get("loc", ())).replace("[", ".").replace("]", "")
+            culprit = next((k for k in set_keys if key == k or key.startswith(k + ".")), None)
+            prefix = f"--set {culprit}: " if culprit else (f"{where}: " if where else "")
+            problems.append(prefix + _describe(error))
+        raise RecipeError(problems) from None
 
 
 def resolve_paths(recipe: Recipe, base_dir: Path, where: str | None = None) -> Recipe:
@@ -324,11 +446,11 @@ def apply_override(raw: dict, item: str) -> str:
     key, sep, value_text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        raise RecipeError(f"--set {_shown(item)}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
     try:
         value = yaml.safe_load(value_text)
     except yaml.YAMLError:
-        raise RecipeError(f"--set {key}: the value {value_text!r} is not valid YAML") from None
+        raise RecipeError(f"--set {key}: the value {_shown(value_text)} is not valid YAML") from None
     parts = key.split(".")
     model: type[BaseModel] | None = Recipe
     node: Any = raw
@@ -385,7 +507,7 @@ def _describe(err: dict) -> str:
     if kind == "missing":
         return f"{key}: required key is missing"
     value = err.get("input")
-    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "a mapping"
+    shown = _shown(value) if not isinstance(value, dict) else "a mapping"
     message = err.get("msg", "invalid")
     message = message.removeprefix("Value error, ")
     if not key:

@@ -22,14 +22,22 @@ import torch
 from neftune_cli import __version__
 from neftune_cli.atomic import atomic_dir, atomic_file
 from neftune_cli.batching import IGNORE, collate_pack, collate_pad, plan_epoch
-from neftune_cli.checkpoint import RunDir, load_checkpoint, save_checkpoint, save_model
+from neftune_cli.checkpoint import (
+    Checkpoint,
+    RunDir,
+    latest_intact_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_model,
+)
 from neftune_cli.console import log, out, stdout_is_tty
 from neftune_cli.data import PreparedData, prepare
 from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, OOM_HINT, Interrupted, RuntimeFailure, UsageError
 from neftune_cli.loss import CausalLMLoss, attention_stays_within_examples
-from neftune_cli.modeling import load_model, load_tokenizer
+from neftune_cli.modeling import load_model, load_tokenizer, model_path
 from neftune_cli.progress import Progress
-from neftune_cli.recipe import LoadedRecipe, Recipe, recipe_to_yaml, warnings_for
+from neftune_cli.recipe import LoadedRecipe, Recipe, recipe_to_yaml
+from neftune_cli.tokenizer_files import TokenizerFiles, tokenizer_files
 
 # Keys that may change between a run and its resume without changing the result.
 RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_last")
@@ -66,24 +74,35 @@ class Schedule:
 
 def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
                  resume_command: str = "neftune train RECIPE --resume") -> dict:
-    """Train as the recipe says. Returns the final summary (also printed)."""
+    """Train as the recipe says, holding output.dir for the whole run. Returns the final summary (also printed)."""
+    with RunDir(Path(loaded.recipe.output.dir)).locked() as run:
+        run.prepare(resume=resume, overwrite=overwrite)
+        resume_from = latest_intact_checkpoint(run) if resume else None
+        return _train(loaded, run, resume_from, force=force, resume_command=resume_command)
+
+
+def _train(loaded: LoadedRecipe, run: RunDir, resume_from: Checkpoint | None, *, force: bool,
+           resume_command: str) -> dict:
     recipe = loaded.recipe
     t = recipe.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = RunDir(Path(recipe.output.dir))
-    resume_from = run.prepare(resume=resume, overwrite=overwrite)
     seed_everything(t.seed)
-    for warning in warnings_for(recipe):
+    for warning in loaded.warnings():
         log(f"warning: {warning}")
 
     # --- data ---
     tokenizer = load_tokenizer(recipe.model)
     data = prepare(recipe, tokenizer, log=log)
+    hand_on = tokenizer_files(model_path(recipe.model), recipe.data, tokenizer)  # with every saved model
     log(f"data: {data.report.summary()}")
     if resume_from is not None:
         check_resumable(resume_from, recipe, data, force)
     lengths = data.train["length"]
     schedule = Schedule.of(recipe, len(lengths))
+    if resume_from is not None and resume_from.step >= schedule.total_steps and run.final.is_dir():
+        out.print(f"nothing to do: {run.root} finished at step {resume_from.step} and final/ is in place",
+                  markup=False)
+        return {"steps": resume_from.step, "final": str(run.final)}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def batch_of(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -109,13 +128,14 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
 
     start_step = 0
     if resume_from is not None:
-        state, _ = load_checkpoint(resume_from, model)
+        load_weights(model, resume_from)
+        state = resume_from.state
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"], noise_generator)
         start_step = state["step"]
         run.truncate_metrics(start_step)
-        log(f"resume: from {resume_from} (step {start_step} of {schedule.total_steps})")
+        log(f"resume: from {resume_from.folder} (step {start_step} of {schedule.total_steps})")
     else:
         with atomic_file(run.root / "recipe.yaml") as f:
             f.write(recipe_to_yaml(recipe))
@@ -128,9 +148,12 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
             "tokenizer_fingerprint": data.tokenizer_fingerprint, "version": __version__}
 
     def checkpoint(step: int) -> Path:
+        if not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+            raise RuntimeFailure(f"the weights hold NaN/inf after step {step}; not saving them. Last good checkpoint: "
+                                 f"{run.latest_checkpoint() or 'none'}. Try a lower train.lr")
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rng_state(noise_generator), "step": step}
-        return save_checkpoint(run, step, model, state, {**meta, "step": step}, t.keep_last)
+        return save_checkpoint(run, step, model, state, {**meta, "step": step}, t.keep_last, hand_on)
 
     @functools.lru_cache(maxsize=1)
     def epoch_plan(epoch: int) -> list[list[int]]:
@@ -175,12 +198,12 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
                     if noise is not None:
                         norms.append(noise)
                 step_loss = float(loss_sum) / max(n_trained, 1)
-                if not math.isfinite(step_loss):
-                    good = run.latest_checkpoint()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
+                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                    what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {grad_norm}"
                     raise RuntimeFailure(
-                        f"loss is {step_loss} at step {step}; stopped before updating the weights. Last good "
-                        f"checkpoint: {good or 'none'}. Try a lower train.lr or train.max_grad_norm")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+                        f"{what} at step {step}; stopped before updating the weights. Last good checkpoint: "
+                        f"{run.latest_checkpoint() or 'none'}. Try a lower train.lr or train.max_grad_norm")
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
@@ -189,7 +212,7 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
 
                 now = time.perf_counter()
                 last = {"step": step, "epoch": round(step / schedule.steps_per_epoch, 4),
-                        "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
+                        "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
                         "trained_tokens": n_trained,
                         "noise_norm": float(torch.cat(norms).mean()) if norms else 0.0}
                 progress.update(step, last, n_tokens / max(now - step_started, 1e-9))
@@ -214,7 +237,7 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
     finally:
         metrics_file.close()
 
-    save_final(run, model, tokenizer)
+    save_final(run, model, hand_on)
     summary = {"steps": step, "elapsed_s": round(time.perf_counter() - started, 1),
                "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"), "final": str(run.final)}
     out.print(f"done: {step} steps in {summary['elapsed_s']}s, final loss {fmt(summary['final_loss'])}, "
@@ -243,14 +266,14 @@ def as_examples(columns: dict) -> list[dict]:
     return [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"], strict=True)]
 
 
-def save_final(run: RunDir, model, tokenizer) -> None:
+def save_final(run: RunDir, model, hand_on: TokenizerFiles) -> None:
     with atomic_dir(run.final) as tmp:
         save_model(model, tmp)
-        tokenizer.save_pretrained(tmp)
+        hand_on.write(tmp)
 
 
-def check_resumable(folder: Path, recipe: Recipe, data: PreparedData, force: bool) -> None:
-    meta = json.loads((folder / "meta.json").read_text())
+def check_resumable(checkpoint: Checkpoint, recipe: Recipe, data: PreparedData, force: bool) -> None:
+    meta = checkpoint.meta
     changes = []
     before, now = flatten(meta["recipe"]), flatten(recipe.model_dump(mode="json"))
     for key in sorted(set(before) | set(now)):
@@ -261,7 +284,7 @@ def check_resumable(folder: Path, recipe: Recipe, data: PreparedData, force: boo
     elif meta["data_fingerprint"] != data.fingerprint:
         changes.append("the data changed")
     if changes and not force:
-        raise UsageError(f"--resume: the run in {folder.parent.parent} was made with a different setup "
+        raise UsageError(f"--resume: the run in {checkpoint.folder.parent.parent} was made with a different setup "
                          f"({'; '.join(changes)}); undo the change or add --force")
     for change in changes:
         log(f"warning: resuming despite a change (--force): {change}")
@@ -317,7 +340,9 @@ def stop_on_signals():
 
 
 def write_metrics(file, record: dict) -> None:
-    file.write(json.dumps(record) + "\n")
+    """One strict-JSON line: a non-finite number (which JSON has no word for) is written as null."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    file.write(json.dumps(record, allow_nan=False) + "\n")
     file.flush()
 
 

@@ -29,6 +29,8 @@ def _prepare(recipe: Path, overrides: list[str] | None):
     from neftune_cli.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
+    for warning in loaded.warnings():
+        console.log(f"warning: {warning}")
     tokenizer = load_tokenizer(loaded.recipe.model)
     return loaded.recipe, tokenizer, prepare(loaded.recipe, tokenizer, log=console.log)
 

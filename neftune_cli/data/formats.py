@@ -65,12 +65,6 @@ class BadRecord(Exception):
         super().__init__(f"field {field}: {reason}" if field else reason)
 
 
-def first_line(error: Exception) -> str:
-    """An exception as one line, for messages built from library errors (jinja, datasets)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def is_conversation(record: Record) -> bool:
     return "messages" in record
 

@@ -17,8 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from neftune_cli.data.formats import first_line
-from neftune_cli.errors import DataError
+from neftune_cli.errors import DataError, first_line
 from neftune_cli.recipe import SourceSection
 
 EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")

@@ -29,11 +29,10 @@ from neftune_cli.data.formats import (
     Conversation,
     Message,
     Record,
-    first_line,
     is_conversation,
     turn_name,
 )
-from neftune_cli.errors import DataError
+from neftune_cli.errors import DataError, first_line
 from neftune_cli.recipe import DataSection
 
 # Stanford Alpaca (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), verbatim.
