@@ -14,7 +14,9 @@ The model is materialised into ``$NEFTUNE_CACHE`` (default ``~/.cache/neftune-cl
 - deterministic: the same bytes every time. The tokenizer trainer is deterministic, and the weights do not
   come from torch's RNG (whose normal() differs between CPU kernels): each tensor is filled from SHAKE-256
   of its name, turned into uniform values with exact IEEE operations only. Bump ``VERSION`` whenever
-  anything that changes the bytes changes (this module or ``demo_data``).
+  anything that changes the bytes changes (this module or ``demo_data``);
+- loadable by transformers 4.x and 5.x alike: the tokenizer files are written here, not by ``save_pretrained``
+  (transformers 5 writes a tokenizer class 4.x does not know).
 
 Like Llama, the tokenizer prepends ``<s>`` and does not append ``</s>``; its ChatML chat template also
 starts with ``{{ bos_token }}`` (like Llama-2-chat), so code that renders the template and then tokenizes
@@ -32,7 +34,8 @@ from neftune_cli.atomic import atomic_dir, clean_stale
 from neftune_cli.errors import UsageError
 
 PREFIX = "builtin:"
-VERSION = 1
+VERSION = 2  # v2: tokenizer files both transformers 4.x and 5.x load; the same weights and vocabulary as v1
+WEIGHTS_KEY = "neftune-builtin/1"  # seeds the weights: kept across versions that change only the files around them
 MARKER = "neftune-builtin.json"  # written last: a folder without it is not a complete model
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -126,18 +129,19 @@ def tokenizer_corpus() -> list[str]:
 
 
 def _build(name: str, out: Path) -> None:
+    from transformers import AutoTokenizer
+
     spec = MODELS[name]
-    tok = _build_tokenizer(spec["vocab_target"])
-    tok.save_pretrained(out)
-    _build_model(spec, tok, out)
+    _save_tokenizer(_train_tokenizer(spec["vocab_target"]), out)
+    _build_model(spec, AutoTokenizer.from_pretrained(out), out)  # the tokenizer as users load it
     # Last: the marker says the folder is complete. Deterministic content (no timestamps).
     info = {"name": name, "version": VERSION, "source": "neftune_cli.builtin"}
     (out / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _build_tokenizer(vocab_size: int):
+def _train_tokenizer(vocab_size: int):
+    """The byte-level BPE (a ``tokenizers.Tokenizer``), trained on ``tokenizer_corpus``; BOS in front, like Llama."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -156,20 +160,25 @@ def _build_tokenizer(vocab_size: int):
         pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
         special_tokens=[(BOS, bos_id)],
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        additional_special_tokens=[IM_START, IM_END],
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=1024,
-        padding_side="right",
-        clean_up_tokenization_spaces=False,
-        add_bos_token=True,
-        add_eos_token=False,
-    )
+    return tokenizer
+
+
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    tokenizer.save(str(out / "tokenizer.json"))
+    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
+    specials["additional_special_tokens"] = [IM_START, IM_END]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1024,
+        "padding_side": "right",
+    }
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+        (out / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _uniform_(tensor, key: str, bound: float) -> None:
@@ -220,7 +229,7 @@ def _build_model(spec: dict, tok, out: Path) -> None:
             if pname.endswith("norm.weight"):
                 param.fill_(1.0)
             else:
-                _uniform_(param, f"neftune-builtin/{VERSION}/{pname}", bound)
+                _uniform_(param, f"{WEIGHTS_KEY}/{pname}", bound)
         model.get_input_embeddings().weight[pad_id].zero_()
     model.generation_config = GenerationConfig(
         bos_token_id=bos_id,
