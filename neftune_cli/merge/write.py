@@ -29,6 +29,7 @@ from neftune_cli.merge.common import (
     TOKENIZER_MARKERS,
     _fmt_bytes,
 )
+from neftune_cli.tokenizer_files import CONFIG, GENERATION, loadable_config
 
 if TYPE_CHECKING:
     from neftune_cli.merge.adapter import _LoraModule
@@ -231,8 +232,10 @@ def _write_model(
 
 def _write_side_files(plan: _Plan, base: _BaseCheckpoint, adapter_dir: Path, given: Path, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
-    if (base.path / "generation_config.json").is_file():
-        shutil.copyfile(base.path / "generation_config.json", folder / "generation_config.json")
+    # a run's own generation config first: it also stops on the template's end-of-turn token
+    generation = next((d / GENERATION for d in (adapter_dir, base.path) if (d / GENERATION).is_file()), None)
+    if generation is not None:
+        shutil.copyfile(generation, folder / GENERATION)
     if plan.config.get("auto_map"):  # custom modeling code travels with the model
         for py in base.path.glob("*.py"):
             shutil.copyfile(py, folder / py.name)
@@ -243,6 +246,9 @@ def _write_side_files(plan: _Plan, base: _BaseCheckpoint, adapter_dir: Path, giv
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, folder / name)
+    if (folder / CONFIG).is_file():  # a run's is loadable already; a base saved by transformers 5 may not be
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+        (folder / CONFIG).write_text(json.dumps(loadable_config(config), indent=2, ensure_ascii=False) + "\n")
     for name in TOKENIZER_DIRS:
         if (src / name).is_dir():
             shutil.copytree(src / name, folder / name)
