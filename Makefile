@@ -1,22 +1,29 @@
-# make install | test | demo | lint | bench. `make test` and `make demo` install what they need themselves.
+# make install | test | test-tf4 | demo | lint | bench. Each target installs what it needs itself.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# A second venv with the other transformers major version users serve with: `make test-tf4` runs the suite there.
+VENV_TF4 ?= .venv-tf4
+TF4 ?= transformers==4.57.*
 # Set TORCH to pick a build before installing, e.g. `make install TORCH=torch==2.13.0` (CPU wheel on our CI).
 TORCH ?=
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test test-tf4 demo lint bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
-	$(BIN)/pip install -q -e ".[dev]"
+$(VENV)/.installed $(VENV_TF4)/.installed: pyproject.toml
+	test -x $(@D)/bin/python || $(PYTHON) -m venv $(@D)
+	$(if $(TORCH),$(@D)/bin/pip install -q "$(TORCH)")
+	$(@D)/bin/pip install -q -e ".[dev]" $(if $(filter $(VENV_TF4),$(@D)),"$(TF4)")
 	touch $@
 
 test: install
 	$(BIN)/python -m pytest
+
+# The suite under transformers 4.57; tests/test_parity.py also loads the folders it writes with the main venv's 5.x.
+test-tf4: install $(VENV_TF4)/.installed
+	NEFTUNE_OTHER_PYTHON=$(abspath $(BIN))/python $(VENV_TF4)/bin/python -m pytest
 
 demo: install
 	$(BIN)/neftune validate recipes/demo.yaml > /dev/null
