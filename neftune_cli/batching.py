@@ -67,3 +67,22 @@ def collate_pack(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         positions += range(len(e["input_ids"]))
     as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
     return {"input_ids": as_row(ids), "targets": as_row(targets), "position_ids": as_row(positions)}
+
+
+def as_examples(columns: dict) -> list[dict]:
+    """A slice of a tokenized dataset (a dict of columns) as a list of examples."""
+    return [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"], strict=True)]
+
+
+def batch_builder(batching: str, pad_id: int, device: torch.device):
+    """`batch_of(dataset, indices)`: the micro-batch of those examples, collated as `batching` says, on `device`.
+
+    Training and `neftune eval` share it, so an eval loss computed later equals the one the loop logged.
+    """
+
+    def batch_of(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+        examples = as_examples(dataset[indices])
+        batch = collate_pack(examples) if batching == "pack" else collate_pad(examples, pad_id)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    return batch_of

@@ -49,11 +49,10 @@ def apply_rope_scaling(config, scaling: dict) -> None:
         raise UsageError(f"model.rope_scaling: {str(e).strip(chr(34)).splitlines()[0]}") from None
 
 
-def load_model(recipe: Recipe, device: torch.device):
-    """The model to train: the base in the recipe's dtype, wrapped with LoRA unless finetune is full."""
+def load_base_model(spec: ModelSection, device: torch.device):
+    """The recipe's base model as training loads it (dtype, attention, RoPE scaling); generation and eval reuse it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = recipe.model
     path = model_path(spec)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
@@ -61,10 +60,15 @@ def load_model(recipe: Recipe, device: torch.device):
         raise UsageError(f"model.name_or_path: cannot load {path}: {str(e).splitlines()[0]}") from None
     if spec.rope_scaling is not None:
         apply_rope_scaling(config, spec.rope_scaling.as_config())
-    model = AutoModelForCausalLM.from_pretrained(
+    return AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=resolve_dtype(spec.dtype, device),
         attn_implementation=spec.attn_implementation, trust_remote_code=spec.trust_remote_code,
     ).to(device)
+
+
+def load_model(recipe: Recipe, device: torch.device):
+    """The model to train: the base in the recipe's dtype, wrapped with LoRA unless finetune is full."""
+    model = load_base_model(recipe.model, device)
     if recipe.train.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (our inputs_embeds carry no grad under LoRA).
         # transformers 5 renamed it (the old name still works there, with a deprecation warning).

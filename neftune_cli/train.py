@@ -21,7 +21,7 @@ import torch
 
 from neftune_cli import __version__
 from neftune_cli.atomic import atomic_dir, atomic_file
-from neftune_cli.batching import IGNORE, collate_pack, collate_pad, plan_epoch
+from neftune_cli.batching import IGNORE, batch_builder, plan_epoch
 from neftune_cli.checkpoint import (
     Checkpoint,
     RunDir,
@@ -105,10 +105,7 @@ def _train(loaded: LoadedRecipe, run: RunDir, resume_from: Checkpoint | None, *,
         return {"steps": resume_from.step, "final": str(run.final)}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def batch_of(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
-        examples = as_examples(dataset[indices])
-        batch = collate_pack(examples) if t.batching == "pack" else collate_pad(examples, pad_id)
-        return {k: v.to(device) for k, v in batch.items()}
+    batch_of = batch_builder(t.batching, pad_id, device)
 
     # --- model and optimizer ---
     model = load_model(recipe, device)
@@ -259,11 +256,6 @@ def evaluate(trainer: CausalLMLoss, dataset, batch_of, batch_size: int) -> float
             total, count = total + loss.item(), count + n
     trainer.train()
     return total / max(count, 1)
-
-
-def as_examples(columns: dict) -> list[dict]:
-    """A slice of the dataset (a dict of columns) as a list of examples."""
-    return [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"], strict=True)]
 
 
 def save_final(run: RunDir, model, hand_on: TokenizerFiles) -> None:
