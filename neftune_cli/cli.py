@@ -139,6 +139,124 @@ def merge(
     out.print(f"merged model written to {result.out}", markup=False)
 
 
+ModelArg = typer.Argument(..., help="Run dir, checkpoint dir, merged folder, hub id or builtin:... model.",
+                          show_default=False)
+TemplateOpt = typer.Option(None, "--template", help="chat|alpaca: prompt format of a plain model (default: chat; "
+                           "a run uses its own).")
+
+
+@app.command()
+def generate(
+    model: str = ModelArg,
+    prompts: Path = typer.Option(..., "--prompts", help=".json/.jsonl of instruction (+ input) or messages records."),
+    out_file: Path = typer.Option(..., "--out", help="Output file (replaced if it exists)."),
+    fmt: str = typer.Option("json", "--format", help="json: AlpacaEval model outputs; jsonl: with token counts and "
+                            "finish reasons."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    repetition_penalty: float = typer.Option(1.2, "--repetition-penalty", min=1.0,
+                                             help="1.2 as the paper generated for AlpacaEval; 1 turns it off."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; above 0: sampling."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    generator: str = typer.Option(None, "--generator", help="Generator name in the output (default: the run's)."),
+    template: str = TemplateOpt,
+    limit: int = typer.Option(None, "--limit", min=1, help="Only the first N prompts."),
+) -> None:
+    """Answer a prompts file with the run's own prompt template: AlpacaEval model outputs.
+
+    Example: neftune generate runs/demo --prompts ../shared/data/alpaca_eval/alpaca_eval_instructions.json
+    --out answers.json
+    """
+    from neftune_cli.generate import Settings, run_generate
+    from neftune_cli.inference import resolve
+
+    if fmt not in {"json", "jsonl"}:
+        raise typer.BadParameter(f"--format {fmt}: expected json or jsonl")
+    settings = Settings(max_new_tokens=max_new_tokens, batch_size=batch_size, repetition_penalty=repetition_penalty,
+                        temperature=temperature, top_p=top_p, seed=seed)
+    run_generate(resolve(model, _template(template)), prompts, out_file, settings, fmt=fmt, generator=generator,
+                 limit=limit)
+
+
+@app.command("eval")
+def eval_(
+    model: str = ModelArg,
+    data: Path = typer.Option(None, "--data", help="A recipe (its eval split) or a data file (all of it); default: "
+                              "the run's eval data."),
+    answers: Path = typer.Option(None, "--answers", help="AlpacaEval outputs (or generate's jsonl) to measure."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="The limit the answers were "
+                                       "generated with (to count cut answers when they carry no finish reason)."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Default: the run's micro_batch_size."),
+    template: str = TemplateOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Held-out loss and perplexity (no noise, training masks); with --answers their length and diversity.
+
+    Example: neftune eval runs/demo --answers answers.json
+    """
+    from neftune_cli.answers import answer_stats, format_stats, read_answers
+    from neftune_cli.eval_loss import has_eval_data, heldout_loss
+    from neftune_cli.inference import resolve
+
+    target = resolve(model, _template(template))
+    result = {}
+    if data is not None or has_eval_data(target) or answers is None:
+        result["loss"] = heldout_loss(target, data, batch_size)
+    if answers is not None:
+        result["answers"] = answer_stats(read_answers(answers), target.tokenizer(), max_new_tokens)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    if "loss" in result:
+        loss = result["loss"]
+        out.print(f"eval loss {loss['eval_loss']:.4f}, perplexity {loss['perplexity']:.2f} ({loss['examples']} "
+                  f"examples, {loss['trained_tokens']:,} trained tokens; {loss['data']})", markup=False)
+    for line in format_stats(result["answers"]) if answers is not None else []:
+        out.print(line, markup=False)
+
+
+def _template(template: str | None) -> str | None:
+    if template not in (None, "chat", "alpaca"):
+        raise typer.BadParameter(f"--template {template}: expected chat or alpaca")
+    return template
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Run directories.", show_default=False),
+    answers: list[Path] = typer.Option(None, "--answers", help="One answers file per run, in the same order."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+) -> None:
+    """One row per run: noise, steps, tokens, time, train and eval loss (and answer length/diversity).
+
+    Example: neftune compare runs/base runs/neft --answers base.json --answers neft.json
+    """
+    from neftune_cli.compare import compare_rows, format_table
+
+    rows = compare_rows(runs, answers or [])
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    for line in format_table(rows):
+        out.print(line, markup=False)
+
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run directories.", show_default=False),
+    out_file: Path = typer.Option(..., "--out", help="PNG file to write."),
+) -> None:
+    """Train and eval loss curves of runs, one line per run (needs the plot extra: matplotlib).
+
+    Example: neftune plot runs/base runs/neft --out curves.png
+    """
+    from neftune_cli.plot import plot_curves
+
+    plot_curves(runs, out_file)
+    out.print(f"wrote {out_file}", markup=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn every failure into one line and an exit code."""
     argv = sys.argv[1:] if argv is None else argv

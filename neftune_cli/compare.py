@@ -1,0 +1,90 @@
+"""`neftune compare`: the paper's NEFTune-vs-baseline table for the user's own runs, one row per run.
+
+Everything comes from what training wrote: recipe.yaml (noise settings) and metrics.jsonl (steps, tokens, time,
+losses), plus the answers' length and diversity when answer files are given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from neftune_cli.answers import answer_stats, read_answers
+from neftune_cli.errors import DataError, UsageError
+
+COLUMNS = ["run", "alpha", "scale", "steps", "tokens", "wall_s", "train_loss", "eval_loss",
+           "answer_tokens", "answer_chars", "hit_max", "rep_2", "diversity"]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise UsageError(f"{run}: no metrics.jsonl (not a training run?)")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}: line {n}: invalid JSON") from None
+    return records
+
+
+def run_row(run: Path) -> dict:
+    recipe_file = run / "recipe.yaml"
+    recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else {}
+    noise = (recipe or {}).get("neftune") or {}
+    records = read_metrics(run)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if r.get("eval_loss") is not None]
+    tokens, wall = _tokens_and_time(train)
+    return {"run": run.name, "alpha": noise.get("alpha") or 0, "scale": noise.get("scale"),
+            "steps": train[-1]["step"] if train else 0, "tokens": tokens, "wall_s": round(wall, 1),
+            "train_loss": train[-1]["loss"] if train else None, "eval_loss": evals[-1]["eval_loss"] if evals else None}
+
+
+def _tokens_and_time(train: list[dict]) -> tuple[int, float]:
+    """Each log record covers the window since the previous one (tokens_per_s x its length = its tokens); elapsed_s
+    restarts at 0 when a run is resumed, so each resumed segment adds its own time."""
+    tokens, wall, previous = 0.0, 0.0, 0.0
+    for r in train:
+        elapsed = r.get("elapsed_s") or 0.0
+        if elapsed < previous:  # a resume: a new segment from 0
+            wall, previous = wall + previous, 0.0
+        tokens += (r.get("tokens_per_s") or 0.0) * (elapsed - previous)
+        previous = elapsed
+    return round(tokens), wall + previous
+
+
+def compare_rows(runs: list[Path], answers: list[Path]) -> list[dict]:
+    from neftune_cli.inference import resolve
+
+    if answers and len(answers) != len(runs):
+        raise UsageError(f"--answers: give one answers file per run ({len(runs)} runs, {len(answers)} files)")
+    rows = []
+    for k, run in enumerate(runs):
+        row = run_row(run)
+        if answers:
+            stats = answer_stats(read_answers(answers[k]), resolve(str(run)).tokenizer())
+            row |= {"answer_tokens": stats["tokens"]["mean"], "answer_chars": stats["chars"]["mean"],
+                    "hit_max": stats["hit_max_new_tokens"], "rep_2": stats["rep_2"], "diversity": stats["diversity"]}
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> list[str]:
+    columns = [c for c in COLUMNS if any(c in r for r in rows)]
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    return lines + ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in cells]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)

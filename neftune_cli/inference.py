@@ -1,0 +1,90 @@
+"""What `generate` and `eval` run: a run dir, a checkpoint, a merged folder or any model, with its prompt format.
+
+A run (or one of its checkpoints) is loaded as training loaded it: the recipe's base model, dtype, attention and
+tokenizer, with the adapter on top, and its prompts are formatted with the recipe's data section. A merged folder
+or any other model formats prompts with its tokenizer's chat template (a run's tokenizer files carry the template
+it trained with, so a merged model needs nothing more), or the Alpaca prompt with ``--template alpaca``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from neftune_cli.checkpoint import META_FILE, RunDir
+from neftune_cli.errors import UsageError, first_line
+from neftune_cli.modeling import load_base_model, load_tokenizer
+from neftune_cli.recipe import DataSection, ModelSection, Recipe, validate
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class Target:
+    name: str  # the default generator name in AlpacaEval outputs
+    model: ModelSection  # what to load: the run's base, or the model itself
+    data: DataSection  # how prompts are formatted (and, for a run, its training data)
+    recipe: Recipe | None = None  # a run's recipe; None for a plain model
+    adapter: Path | None = None  # a LoRA adapter to put on model
+
+    def tokenizer(self):
+        return load_tokenizer(self.model)
+
+    def load(self, device: torch.device, *, merge: bool):
+        """The model in eval mode. merge: fold the adapter in (faster decoding); eval keeps it apart, as training."""
+        model = load_base_model(self.model, device)
+        if self.adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(self.adapter))
+            if merge:
+                model = model.merge_and_unload()
+        return model.eval()
+
+
+def resolve(spec: str, template: str | None = None) -> Target:
+    """A run dir, a checkpoint folder, or a model (merged folder, hub id, builtin:...) as a Target."""
+    path = Path(spec).expanduser()
+    if (path / "recipe.yaml").is_file() or (path / META_FILE).is_file():
+        if template is not None:
+            raise UsageError(f"--template: {spec} is a training run; its prompts use the template it was trained "
+                             "with (--template is for plain models)")
+        return _run_target(path)
+    data = plain_data_section(template or "chat")
+    return Target(name=path.name or spec, model=ModelSection(name_or_path=spec), data=data)
+
+
+def plain_data_section(template: str) -> DataSection:
+    # prompt_ids needs a data section only for its template; the source is never read
+    return DataSection(sources=[{"path": "unused"}], template=template)
+
+
+def _run_target(path: Path) -> Target:
+    if (path / META_FILE).is_file():  # a checkpoint: its meta.json holds the recipe
+        recipe = _recipe(json.loads((path / META_FILE).read_text())["recipe"], path / META_FILE)
+        weights, name = path, f"{path.parent.parent.name}-{path.name}"
+    else:
+        recipe = _recipe(yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8")), path / "recipe.yaml")
+        weights, name = path / "final", path.name
+        if not weights.is_dir():
+            latest = RunDir(path).latest_checkpoint()
+            hint = f"; use its latest checkpoint: {latest}" if latest else " and no checkpoint yet"
+            raise UsageError(f"{path} is a training run with no final/ (stopped early?){hint}")
+    if (weights / ADAPTER_CONFIG).is_file():
+        return Target(name, recipe.model, recipe.data, recipe, adapter=weights)
+    # full fine-tuning: the weights are a whole model, loaded with the recipe's dtype and attention
+    model = recipe.model.model_copy(update={"name_or_path": str(weights), "rope_scaling": None})
+    return Target(name, model, recipe.data, recipe)
+
+
+def _recipe(raw, where: Path) -> Recipe:
+    try:
+        return validate(raw, str(where))
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file: one line naming it
+        raise UsageError(f"{where}: not a readable recipe ({first_line(e)})") from None
