@@ -6,6 +6,7 @@ builtin model and the tokenized-data cache.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -15,6 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
+
+from neftune_cli.errors import RuntimeFailure, UsageError
 
 TMP_PREFIX = ".tmp-"
 STALE_S = 3600  # temporary folders older than this are leftovers of a crash
@@ -29,10 +32,12 @@ def atomic_dir(target: Path, *, is_complete: Callable[[Path], bool] | None = Non
     ours is discarded; an incomplete one is not ours (we only ever rename whole folders) and is replaced.
     On failure the temporary folder is removed and `target` is left as it was.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+    with _named_write_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
     try:
-        yield tmp
+        with _named_write_errors(target):
+            yield tmp
         if is_complete is not None and is_complete(target):
             return
         if target.exists() or target.is_symlink():
@@ -64,11 +69,27 @@ def clean_stale(parent: Path) -> None:
 @contextmanager
 def atomic_file(path: Path) -> Iterator[TextIO]:
     """A text file open for writing beside `path`; it replaces `path` when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            yield f
+        with _named_write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("w", encoding="utf-8") as f:
+                yield f
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _named_write_errors(target: Path) -> Iterator[None]:
+    """A full disk or a folder we may not write names what we were writing (not a temporary path)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None and not str(e.filename).startswith(str(target.parent)):
+            raise  # a file read elsewhere (say the base model) failed, not our write
+        if e.errno == errno.ENOSPC:
+            raise RuntimeFailure(f"disk full while writing {target}; nothing was replaced") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UsageError(f"cannot write {target}: {e.strerror}") from None
+        raise

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from neftune_cli import faults
 from neftune_cli.atomic import TMP_PREFIX, atomic_dir, atomic_file
 from neftune_cli.console import log
 from neftune_cli.errors import UsageError, first_line
@@ -229,6 +230,7 @@ def save_checkpoint(
     with atomic_dir(target) as tmp:
         save_model(model, tmp)
         hand_on.write(tmp)  # a checkpoint serves (or merges) like final/
+        faults.checkpoint(f"checkpoint-write-{step}")
         torch.save(trainer_state, tmp / STATE_FILE)
         # meta.json last: a folder without it is not a checkpoint (see checkpoint_steps)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))

@@ -22,7 +22,7 @@ except ImportError:
 from neftune_cli import __version__
 from neftune_cli.console import err, log, out, stdout_is_tty
 from neftune_cli.data.cli import app as data_app
-from neftune_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError
+from neftune_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, first_line
 from neftune_cli.recipe import load_recipe
 
 app = typer.Typer(
@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         code = _report(None, "interrupted", EXIT_SIGINT, debug)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
-        code = _report(e, f"error: {type(e).__name__}: {e}".splitlines()[0] + _hint(e), EXIT_RUNTIME, debug)
+        code = _report(e, f"error: {type(e).__name__}: {first_line(e)}" + _hint(e), EXIT_RUNTIME, debug)
+        if not debug:  # not one of our messages: the traceback is where the cause is
+            err.print("(run with --debug for the traceback)", markup=False)
     sys.exit(code)
 
 
@@ -286,8 +288,6 @@ def _report(exc: BaseException | None, message: str, code: int, debug: bool) -> 
     if debug and exc is not None:
         traceback.print_exception(exc)
     err.print(message, markup=False)
-    if not debug and code == EXIT_RUNTIME:
-        err.print("(run with --debug for the traceback)", markup=False)
     return code
 
 

@@ -133,13 +133,8 @@ class DataSection(Section):
     @field_validator("chat_template")
     @classmethod
     def _jinja_syntax(cls, template: str | None) -> str | None:
-        if template:
-            import jinja2
-
-            try:
-                jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
-            except jinja2.TemplateSyntaxError as e:
-                raise ValueError(f"jinja syntax error at line {e.lineno} of the template: {e.message}") from None
+        if template and (problem := jinja_syntax_error(template)):
+            raise ValueError(problem)
         return template
     max_seq_len: int = Field(512, ge=8, description="Longest example in tokens.")
     overlength: Literal["truncate", "drop"] = Field(
@@ -174,6 +169,17 @@ class DataSection(Section):
         if weighted:
             raise ValueError(f"data.eval_sources[{', '.join(weighted)}].weight: weights apply to training sources only")
         return self
+
+
+def jinja_syntax_error(template: str) -> str | None:
+    """Why a chat template does not parse (checked once, up front, instead of failing on every record)."""
+    import jinja2
+
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        return f"jinja syntax error at line {e.lineno} of the template: {e.message}"
+    return None
 
 
 class LoraSection(Section):
@@ -258,7 +264,36 @@ def warnings_for(recipe: Recipe) -> list[str]:
         out.append("neftune.scale: hf with train.batching: pack scales the noise by the packed row's length, so each "
                    "example gets about sqrt(L_example / L_row) of the intended noise (transformers issue #34659); "
                    "scale: paper does not")
+    limit = _position_limit(recipe.model.name_or_path)
+    if limit is not None and recipe.data.max_seq_len > limit:
+        out.append(f"data.max_seq_len {recipe.data.max_seq_len} is beyond the model's {limit} positions "
+                   "(max_position_embeddings); longer examples will meet positions it was never trained on")
     return out
+
+
+def _position_limit(name_or_path: str) -> int | None:
+    """max_position_embeddings from a config we can read without a download (local, builtin or hub cache)."""
+    from neftune_cli import builtin
+
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        spec = builtin.MODELS.get(name_or_path[len(BUILTIN_PREFIX):])
+        return spec["max_position_embeddings"] if spec else None
+    config = Path(name_or_path) / "config.json"
+    if not config.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name_or_path, "config.json")
+        except ValueError:  # not a valid repo id
+            return None
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -269,6 +304,7 @@ def warnings_for(recipe: Recipe) -> list[str]:
 MAX_RECIPE_BYTES = 1 << 20
 MAX_RECIPE_VALUES = 100_000
 MAX_SHOWN_CHARS = 200  # longest value echoed in a message
+MAX_PROBLEMS = 10  # lines of one validation error
 
 
 class LoadedRecipe(BaseModel):
@@ -393,6 +429,8 @@ def validate(raw: dict, where: str | None = None, set_keys: list[str] = ()) -> R
             culprit = next((k for k in set_keys if key == k or key.startswith(k + ".")), None)
             prefix = f"--set {culprit}: " if culprit else (f"{where}: " if where else "")
             problems.append(prefix + _describe(error))
+        if len(problems) > MAX_PROBLEMS:
+            problems[MAX_PROBLEMS:] = [f"... and {len(problems) - MAX_PROBLEMS} more problems"]
         raise RecipeError(problems) from None
 
 

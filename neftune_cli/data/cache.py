@@ -12,6 +12,8 @@ concurrent runs never leave a half-written entry.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from neftune_cli.atomic import atomic_dir, clean_stale
@@ -19,6 +21,7 @@ from neftune_cli.builtin import cache_root
 from neftune_cli.data.report import Report
 from neftune_cli.data.sources import Source
 from neftune_cli.data.tokenize import Encoder
+from neftune_cli.errors import first_line
 from neftune_cli.recipe import DataSection, stable_hash
 
 # Bump when tokenization, masking or the report format changes: old entries then stop matching.
@@ -65,16 +68,25 @@ def entry(fp: str) -> Path:
     return cache_root() / "data" / fp
 
 
-def load(fp: str):
-    """(train, eval, report) from a complete cache entry, or None."""
+def load(fp: str, log: Callable[[str], None]):
+    """(train, eval, report) from a complete cache entry, or None. A damaged entry (disk trouble, a hand edit)
+    is ours to delete: it is removed, so the caller tokenizes again and writes a new one."""
     import datasets
 
     folder = entry(fp)
     if not (folder / REPORT).is_file():
         return None
-    report = Report.from_dict(json.loads((folder / REPORT).read_text(encoding="utf-8")))
-    train = datasets.load_from_disk(str(folder / "train"))
-    held = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
+    try:
+        report = Report.from_dict(json.loads((folder / REPORT).read_text(encoding="utf-8")))
+        train = datasets.load_from_disk(str(folder / "train"))
+        held = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
+        for split in (train, held):
+            if split is not None:
+                split.data.validate(full=True)  # memory-mapped arrow: reading it all is cheap and finds damage
+    except Exception as e:  # noqa: BLE001 - json, arrow and datasets raise many types for damaged files
+        log(f"data: warning: the cache entry {folder} is damaged ({first_line(e)}); tokenizing again")
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
     return train, held, report
 
 

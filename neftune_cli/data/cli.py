@@ -23,14 +23,20 @@ SetOpt = typer.Option(
 )
 
 
-def _prepare(recipe: Path, overrides: list[str] | None):
-    from neftune_cli.data import prepare
-    from neftune_cli.modeling import load_tokenizer
+def _load(recipe: Path, overrides: list[str] | None):
     from neftune_cli.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
     for warning in loaded.warnings():
         console.log(f"warning: {warning}")
+    return loaded
+
+
+def _prepare(recipe: Path, overrides: list[str] | None, loaded=None):
+    from neftune_cli.data import prepare
+    from neftune_cli.modeling import load_tokenizer
+
+    loaded = loaded or _load(recipe, overrides)
     tokenizer = load_tokenizer(loaded.recipe.model)
     return loaded.recipe, tokenizer, prepare(loaded.recipe, tokenizer, log=console.log)
 
@@ -141,6 +147,7 @@ def export(
     out: Path = typer.Argument(..., help="Output .jsonl file.", show_default=False),
     set_: list[str] = SetOpt,
     split: str = typer.Option("train", "--split", help="train or eval."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (never the recipe or data)."),
 ) -> None:
     """Write one JSON object per example, {input_ids, labels} (-100: not trained), in dataset order.
 
@@ -148,7 +155,9 @@ def export(
     """
     if split not in ("train", "eval"):
         raise UsageError(f"--split {split}: expected train or eval")
-    _, _, data = _prepare(recipe, set_)
+    loaded = _load(recipe, set_)
+    _check_export_target(out, loaded, overwrite)
+    _, _, data = _prepare(recipe, set_, loaded)
     dataset = data.train if split == "train" else data.eval
     if dataset is None:
         raise UsageError("--split eval: the recipe has no eval data (data.eval_sources, eval_fraction or eval_size)")
@@ -157,3 +166,20 @@ def export(
             for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
                 f.write(json.dumps({"input_ids": ids, "labels": labels}, separators=(",", ":")) + "\n")
     console.out.print(f"wrote {len(dataset):,} {split} examples to {out}", markup=False)
+
+
+def _check_export_target(out: Path, loaded, overwrite: bool) -> None:
+    """OUT must be a file path that holds nothing of the user's we would destroy."""
+    from neftune_cli.data.sources import Source
+
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder; give the path of the .jsonl file to write")
+    if not out.exists():
+        return
+    inputs = [loaded.path] + [f for spec in loaded.recipe.data.sources + loaded.recipe.data.eval_sources
+                              if (source := Source(spec)).local for f in source.files]
+    for path in inputs:
+        if out.samefile(path):
+            raise UsageError(f"{out} is an input of the recipe ({path}); export to another file")
+    if not overwrite:
+        raise UsageError(f"{out} exists; add --overwrite to replace it")

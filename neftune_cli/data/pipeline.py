@@ -55,7 +55,7 @@ def prepare(
     eot = end_of_turn(template)
     _warn_end_of_turn(eot, tokenizer, log)
     _warn_no_bos(template, encoder, log)
-    if data.cache and (hit := cache.load(fingerprint)) is not None:
+    if data.cache and (hit := cache.load(fingerprint, log)) is not None:
         train, held, report = hit
         for source, source_report in zip(
             train_sources + eval_sources, report.sources + report.eval_sources, strict=True
@@ -72,6 +72,8 @@ def prepare(
     rows: dict[str, list] = {"record": [], "where": [], "source": []}
     for index, source in enumerate(sources):
         _read(source, index, reports[index], rows, bad, log)
+    if not rows["record"]:
+        raise DataError(f"no usable training examples: {_losses(reports)}")
 
     started = time.perf_counter()
     mapped = _tokenize(rows, template, encoder, data, fingerprint)
@@ -101,7 +103,7 @@ def prepare(
     if data.cache:
         with quiet_datasets():
             cache.save(fingerprint, train, held, report)
-        train, held, report = cache.load(fingerprint)  # memory-mapped, and identical to what a cache hit returns
+        train, held, report = cache.load(fingerprint, log)  # memory-mapped, and identical to what a cache hit returns
     return PreparedData(train, held, report, fingerprint, tokenizer_fingerprint)
 
 
@@ -222,6 +224,8 @@ def _read(source: Source, index: int, report: SourceReport, rows: dict[str, list
         rows["record"].append(json.dumps(record, ensure_ascii=False))
         rows["where"].append(raw.where)
         rows["source"].append(index)
+    if not report.records:
+        raise DataError(f"{source.name}: holds no records")
     report.format = fmt
 
 

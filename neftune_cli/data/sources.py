@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -79,7 +80,11 @@ class Source:
             ds = self.hub_dataset
             return [self.name, self.spec.split, [_file_identity(Path(f["filename"])) for f in ds.cache_files]]
         root = Path(self.spec.path)
-        return [[str(f.relative_to(root)) if f != root else f.name, _file_identity(f)] for f in self.files]
+        out = []
+        for f in self.files:
+            with _readable(f):
+                out.append([str(f.relative_to(root)) if f != root else f.name, _file_identity(f)])
+        return out
 
     def records(self) -> Iterator[RawRecord]:
         """The first max_samples raw records, bad ones included."""
@@ -97,16 +102,19 @@ class Source:
             for i, value in enumerate(self.hub_dataset):
                 yield RawRecord(f"{where}: record {i}", value)
             return
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
         for path in self.files:
-            suffix = path.suffix.lower()
-            if suffix == ".jsonl":
-                yield from _read_jsonl(path)
-            elif suffix == ".json":
-                yield from _read_json(path)
-            elif suffix == ".parquet":
-                yield from _read_parquet(path)
-            else:
-                yield from _read_csv(path)
+            with _readable(path):
+                yield from readers[path.suffix.lower()](path)
+
+
+@contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """An OS error while reading a data file (permissions, a vanished file, an I/O error) names the file."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or first_line(e)})") from None
 
 
 def _file_identity(path: Path) -> list:

@@ -33,7 +33,7 @@ from neftune_cli.data.formats import (
     turn_name,
 )
 from neftune_cli.errors import DataError, first_line
-from neftune_cli.recipe import DataSection
+from neftune_cli.recipe import DataSection, jinja_syntax_error
 
 # Stanford Alpaca (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), verbatim.
 ALPACA_PROMPT_INPUT = (
@@ -83,6 +83,10 @@ def make_template(data: DataSection, tokenizer) -> Template:
             "data.template is chat but the tokenizer has no chat template; use data.template: custom with "
             "data.chat_template (a jinja template), or data.template: alpaca"
         )
+    if data.template == "chat" and isinstance(tokenizer.chat_template, str) and (
+        problem := jinja_syntax_error(tokenizer.chat_template)
+    ):
+        raise DataError(f"the tokenizer's chat template (data.template: chat): {problem}")
     return ChatTemplate(tokenizer, data.chat_template if data.template == "custom" else None)
 
 

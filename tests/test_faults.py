@@ -1,0 +1,435 @@
+"""Fault injection: bad inputs and interrupted writes, as a careful adversary would try them.
+
+Each case asserts the exit code, one `error:` line on stderr naming the culprit (no traceback), and the file
+system afterwards: the user's files intact, no temporary debris left, the run resumable. The merge's own faults
+are in test_merge_faults.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from neftune_cli import demo_data
+from neftune_cli.loss import CausalLMLoss
+
+RECIPE = """\
+model:
+  name_or_path: builtin:tiny-llama
+data:
+  sources:
+    - path: train.jsonl
+      format: alpaca
+  max_seq_len: 128
+lora: {r: 4, alpha: 8}
+train:
+  max_steps: 4
+  micro_batch_size: 4
+  lr: 3.0e-3
+  log_every: 1
+  save_every: 1
+  keep_last: 1
+output:
+  dir: {out}
+"""
+
+
+@pytest.fixture
+def work(tmp_path, tiny_model_dir):
+    (tmp_path / "train.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(24, seed=3)))
+    return tmp_path
+
+
+def recipe(folder: Path, out: str | Path | None = None, name: str = "r.yaml", text: str = RECIPE) -> Path:
+    path = folder / name
+    path.write_text(text.replace("{out}", json.dumps(str(folder / "run" if out is None else out))))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: 'nothing changed' is this staying equal."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error(err: str, *names: str) -> str:
+    """The single `error:` line of stderr, which must name each of `names`; no traceback anywhere."""
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    for name in names:
+        assert name in errors[0], errors[0]
+    return errors[0]
+
+
+def no_debris(folder: Path) -> None:
+    assert not [p for p in folder.rglob(".tmp-*")], list(folder.rglob(".tmp-*"))
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    def refuse(constant):
+        raise ValueError(f"non-JSON number {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+# --- 1. --overwrite never deletes what is not one of our runs ------------------------------------------------
+
+
+def test_overwrite_refuses_the_current_directory(cli, work, monkeypatch):
+    (work / "notes.txt").write_text("mine")
+    path = recipe(work)
+    before = snapshot(work)
+    monkeypatch.chdir(work)
+    code, _, err = cli("train", path, "--set", "output.dir=.", "--overwrite")
+    assert code == 2
+    line = one_error(err, "output.dir", "not part of a neftune run")
+    assert "--overwrite" not in line  # never point at the destructive flag for a folder that is not a run
+    assert snapshot(work) == before
+
+
+def test_overwrite_refuses_the_recipes_own_folder(cli, work):
+    path = recipe(work, out=work)
+    before = snapshot(work)
+    code, _, err = cli("train", path, "--overwrite")
+    assert code == 2
+    one_error(err, str(work))
+    assert snapshot(work) == before
+
+
+def test_empty_output_dir_is_a_recipe_error(cli, work):
+    code, _, err = cli("validate", recipe(work, out=""))
+    assert code == 2
+    one_error(err, "output.dir")
+
+
+def test_overwrite_deletes_a_run_but_not_a_file_put_into_it(cli, work):
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=1")[0] == 0
+    code, _, err = cli("train", path, "--set", "train.max_steps=1")
+    assert code == 2 and "--resume" in one_error(err, "already holds a run")
+    assert cli("train", path, "--set", "train.max_steps=2", "--overwrite")[0] == 0
+    assert [r["step"] for r in strict_json_lines(work / "run" / "metrics.jsonl")] == [1, 2]
+
+    (work / "run" / "my-eval.txt").write_text("keep me")
+    before = snapshot(work / "run")
+    code, _, err = cli("train", path, "--overwrite")
+    assert code == 2
+    one_error(err, "my-eval.txt")
+    assert snapshot(work / "run") == before
+
+
+def test_output_dir_that_is_a_file_or_under_one(cli, work):
+    (work / "afile").write_text("x")
+    for out in (work / "afile", work / "afile" / "run"):
+        code, _, err = cli("train", recipe(work, out=out))
+        assert code == 2
+        one_error(err, "output.dir", str(out))
+    assert (work / "afile").read_text() == "x"
+
+
+def test_output_dir_not_writable(cli, work, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "open", read_only)
+    code, _, err = cli("train", recipe(work))
+    assert code == 2
+    one_error(err, "output.dir", "Read-only file system")
+
+
+# --- 2. data export never overwrites the recipe, the data, or an existing file -------------------------------
+
+
+@pytest.mark.parametrize("target", ["train.jsonl", "r.yaml"])
+def test_export_refuses_an_input_of_the_recipe(cli, work, target):
+    path = recipe(work)
+    before = snapshot(work)
+    code, _, err = cli("data", "export", path, work / target, "--overwrite")
+    assert code == 2
+    one_error(err, target, "input of the recipe")
+    assert snapshot(work) == before
+
+
+def test_export_target_rules(cli, work):
+    path = recipe(work)
+    code, _, err = cli("data", "export", path, work)
+    assert code == 2
+    one_error(err, "is a folder")
+    (work / "old.jsonl").write_text("old")
+    code, _, err = cli("data", "export", path, work / "old.jsonl")
+    assert code == 2 and (work / "old.jsonl").read_text() == "old"
+    one_error(err, "old.jsonl", "--overwrite")
+    assert cli("data", "export", path, work / "old.jsonl", "--overwrite")[0] == 0
+    assert len(strict_json_lines(work / "old.jsonl")) == 24
+
+
+# --- 3. non-finite gradients are never applied, saved or named good -----------------------------------------
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not (an fp16 overflow, a bad kernel)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_nan_gradients_with_a_finite_loss(cli, work, monkeypatch):
+    calls = {"n": 0}
+    original = CausalLMLoss.forward
+
+    def poisoned(self, *args, **kwargs):
+        loss, n, norms = original(self, *args, **kwargs)
+        calls["n"] += self.training
+        return (_NanGrad.apply(loss) if self.training and calls["n"] >= 3 else loss), n, norms
+
+    monkeypatch.setattr(CausalLMLoss, "forward", poisoned)
+    code, _, err = cli("train", recipe(work))  # keep_last 1: the last good checkpoint must survive
+    assert code == 1
+    one_error(err, "gradient norm is nan at step 3", "step-2")
+    run = work / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    weights = load_file(run / "checkpoints" / "step-2" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert [r["step"] for r in strict_json_lines(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_non_finite_metrics_are_written_as_null(tmp_path):
+    from neftune_cli.train import write_metrics
+
+    with (tmp_path / "m.jsonl").open("w") as f:
+        write_metrics(f, {"step": 1, "eval_loss": float("inf"), "loss": float("nan"), "lr": 0.1})
+    assert strict_json_lines(tmp_path / "m.jsonl") == [{"step": 1, "eval_loss": None, "loss": None, "lr": 0.1}]
+
+
+# --- 4. --resume of a finished run changes nothing -----------------------------------------------------------
+
+
+def test_resume_of_a_finished_run_is_a_no_op(cli, work):
+    path = recipe(work)
+    assert cli("train", path)[0] == 0
+    (work / "run" / "final" / "README.md").write_text("my model card")
+    before = snapshot(work / "run")
+    code, out, err = cli("train", path, "--resume")
+    assert code == 0, err
+    assert "nothing to do" in out
+    after = snapshot(work / "run")
+    after.pop(".lock"), before.pop(".lock")  # who last held the run dir: a record of the lock, not of the run
+    assert after == before
+
+
+# --- 5. and 9. a second train on the same run dir; kill -9 in the middle of a checkpoint --------------------
+
+
+def start_paused(path: Path, pause_at: str, ready: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "NEFTUNE_TEST_PAUSE_AT": pause_at, "NEFTUNE_TEST_PAUSE_FILE": str(ready)}
+    cmd = [sys.executable, "-m", "neftune_cli", "train", str(path), *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the process never reached the pause point"
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_train_on_a_held_run_dir_and_kill_9_during_a_checkpoint(cli, work):
+    path = recipe(work)
+    holder = start_paused(path, "checkpoint-write-3", work / "ready")
+    try:
+        code, _, err = cli("train", path, "--overwrite")
+        assert code == 2
+        one_error(err, "in use by", f"pid {holder.pid}")
+        os.kill(holder.pid, signal.SIGKILL)  # in the middle of writing checkpoint 3
+        holder.communicate(timeout=60)
+    finally:
+        holder.kill()
+    run = work / "run"
+    assert list((run / "checkpoints").glob(".tmp-step-3-*")), "the kill should leave a half-written checkpoint"
+    assert (run / "checkpoints" / "step-2" / "meta.json").is_file()
+
+    code, _, err = cli("train", path, "--resume")  # the lock died with its process
+    assert code == 0, err
+    assert "removed 1 temporary file(s) left by an interrupted run" in err
+    no_debris(run)
+    assert [r["step"] for r in strict_json_lines(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+
+
+# --- 6. resource bounds --------------------------------------------------------------------------------------
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8)
+)
+
+
+def test_yaml_alias_bomb_is_refused_quickly_with_a_short_message(cli, work):
+    path = work / "bomb.yaml"
+    path.write_text(BOMB + "model: {name_or_path: builtin:tiny-llama}\ndata: {sources: [{path: train.jsonl}]}\n"
+                    "output: {dir: run}\n")
+    code, _, err = cli("validate", path)
+    assert code == 2 and len(err) < 500
+    one_error(err, "bomb.yaml", "expands to more than")
+
+
+def test_an_alias_bomb_inside_rope_scaling(cli, work):
+    path = work / "rope.yaml"
+    small = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+    path.write_text(recipe(work).read_text().replace("model:\n", small.replace("a:", "x-a:").replace("b:", "x-b:")
+                                                     + "model:\n  rope_scaling: {type: linear, factor: 2, "
+                                                     "short_factor: *b}\n"))
+    code, _, err = cli("validate", path)
+    assert code == 2 and len(err) < 2000
+    assert "Traceback" not in err
+
+
+# --- 7. the user's mistakes are exit 2 with one line, never a raw exception ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "culprit"),
+    [("", "holds no records"), ("[]", "holds no records"), ("{bad json\n{also bad\n", "no usable training examples")],
+)
+def test_empty_data(cli, work, content, culprit):
+    suffix = ".json" if content == "[]" else ".jsonl"
+    (work / f"d{suffix}").write_text(content)
+    text = RECIPE.replace("train.jsonl", f"d{suffix}").replace("max_seq_len: 128", "max_seq_len: 128\n"
+                                                               "  on_bad_record: skip")
+    code, _, err = cli("data", "stats", recipe(work, text=text))
+    assert code == 2
+    one_error(err, culprit)
+
+
+def test_unreadable_data_file(cli, work, monkeypatch):
+    import neftune_cli.data.sources as sources
+
+    def denied(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(sources, "_file_identity", denied)
+    code, _, err = cli("data", "stats", recipe(work))
+    assert code == 2
+    one_error(err, "train.jsonl", "Permission denied")
+
+
+@pytest.mark.parametrize(
+    ("setting", "culprit"),
+    [
+        ("model.rope_scaling={foo: bar}", "model.rope_scaling"),
+        ("model.rope_scaling={type: linear}", "model.rope_scaling.factor"),
+        ("model.rope_scaling={type: yarn, factor: 2, beta_fast: .nan}", "model.rope_scaling.beta_fast"),
+        ("train.lr=1e309", "train.lr"),
+        ("neftune.alpha=.inf", "neftune.alpha"),
+        ("train=5", "--set train"),
+        ("data.template=custom", "data"),
+    ],
+)
+def test_bad_values(cli, work, setting, culprit):
+    code, _, err = cli("validate", recipe(work), "--set", setting)
+    assert code == 2
+    one_error(err, culprit)
+    if setting.startswith("train="):
+        assert "r.yaml" not in err  # the --set made it, not the file
+
+
+def test_rope_scaling_that_the_model_config_rejects(cli, work):
+    code, _, err = cli("train", recipe(work), "--set", "model.rope_scaling={type: yarn, factor: 2}")
+    assert code == 2
+    one_error(err, "model.rope_scaling", "original_max_position_embeddings")
+    code, _, err = cli("train", recipe(work, out=work / "ok"), "--set", "model.rope_scaling={type: linear, factor: 2}",
+                       "--set", "train.max_steps=1")
+    assert code == 0, err
+
+
+# --- 8. damaged files: named, and worked around where we can -------------------------------------------------
+
+
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "trainer_state.pt"])
+def test_resume_falls_back_from_a_damaged_checkpoint(cli, work, damaged):
+    path = recipe(work, text=RECIPE.replace("keep_last: 1", "keep_last: 3"))
+    assert cli("train", path, "--set", "train.max_steps=3")[0] == 0
+    file = work / "run" / "checkpoints" / "step-3" / damaged
+    file.write_bytes(file.read_bytes()[:100])
+    code, _, err = cli("train", path, "--set", "train.max_steps=3", "--resume")
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert f"step-3/{damaged}: unreadable" in err and "trying the checkpoint before it" in err
+    assert "resume: from" in err and "step-2" in err
+
+
+def test_all_checkpoints_damaged(cli, work):
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=2")[0] == 0
+    (work / "run" / "checkpoints" / "step-2" / "trainer_state.pt").write_bytes(b"junk")
+    code, _, err = cli("train", path, "--set", "train.max_steps=2", "--resume")
+    assert code == 2
+    assert "no intact checkpoint" in err and "Traceback" not in err
+
+
+def test_damaged_data_cache_is_rebuilt(cli, work, neftune_cache):
+    path = recipe(work)
+    assert cli("data", "stats", path)[0] == 0
+    arrows = sorted((neftune_cache / "data").glob("*/train/*.arrow"), key=lambda p: p.stat().st_mtime)
+    arrows[-1].write_bytes(arrows[-1].read_bytes()[:64])
+    code, out, err = cli("data", "stats", path)
+    assert code == 0, err
+    assert "is damaged" in err and "tokenizing again" in err
+    assert cli("data", "stats", path)[2].count("cache hit") == 1  # the rebuilt entry is whole
+
+
+def test_disk_full_while_saving_a_checkpoint(cli, work, monkeypatch):
+    import neftune_cli.checkpoint as checkpoint
+
+    original = checkpoint.save_model
+
+    def full(model, folder):
+        original(model, folder)
+        if folder.name.startswith(".tmp-step-2"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(checkpoint, "save_model", full)
+    code, _, err = cli("train", recipe(work, text=RECIPE.replace("keep_last: 1", "keep_last: 3")))
+    assert code == 1
+    one_error(err, "disk full while writing", "step-2")
+    no_debris(work / "run")
+    assert sorted(p.name for p in (work / "run" / "checkpoints").iterdir()) == ["step-1"]
+
+
+# --- messages that used to mislead ---------------------------------------------------------------------------
+
+
+def test_jinja_syntax_error_names_the_template_not_a_record(cli, work):
+    text = RECIPE.replace("max_seq_len: 128", "max_seq_len: 128\n  template: custom\n"
+                                              "  chat_template: \"{% for m in messages %}{{ m.content }}\"")
+    code, _, err = cli("validate", recipe(work, text=text))
+    assert code == 2
+    line = one_error(err, "data.chat_template", "jinja syntax error")
+    assert "on_bad_record" not in line and "line 1" not in line.split("jinja")[0]
+
+
+def test_recipe_path_that_is_a_folder(cli, work):
+    code, _, err = cli("validate", work)
+    assert code == 2
+    one_error(err, "is a folder")
+
+
+def test_warnings_for_likely_mistakes(cli, work):
+    path = recipe(work, text=RECIPE.replace("  lr: 3.0e-3\n", "  lr: 3.0e-3\n  lr: 1.0e-3\n"))
+    code, _, err = cli("validate", path, "--set", "data.max_seq_len=4096")
+    assert code == 0, err
+    assert "duplicate key" in err and "'lr'" not in err and '"lr"' in err
+    assert "data.max_seq_len 4096 is beyond the model's 1024 positions" in err
