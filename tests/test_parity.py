@@ -188,11 +188,16 @@ def test_real_templates_served_from_the_run_folder(tmp_path, shared_data, real_t
         assert_trained_after(example, prompts)
 
 
-def test_a_boundary_merge_is_trained_as_served_and_splits_later_turns(tmp_path, shared_data, real_tokenizers):
+@pytest.mark.parametrize("space", ["prepend", "metaspace"])
+def test_a_boundary_merge_is_trained_as_served_and_splits_later_turns(tmp_path, shared_data, real_tokenizers, space):
     """The generation prompt ends in a space: alone it is its own "▁" token, followed by a reply it merges into
     "▁Hello". Served, the prompt keeps its "▁" and the model generates "Hello": that is what is trained. The next
-    prompt re-tokenizes the reply as "▁Hello", so the second turn is its own example."""
+    prompt re-tokenizes the reply as "▁Hello", so the second turn is its own example. Both ways SentencePiece
+    conversions put a space in front of the text (the Llama-2 file's Prepend normalizer; a Metaspace
+    pre-tokenizer, as newer conversions have) are taken off the reply."""
     base = shared_data / "tokenizers" / "llama2"
+    if space == "metaspace":
+        base = _metaspace_copy(base, tmp_path / "metaspace")
     tokenizer = real_tokenizers(base)
     template = (
         "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
@@ -217,6 +222,17 @@ def test_a_boundary_merge_is_trained_as_served_and_splits_later_turns(tmp_path, 
         reply = tokenizer.convert_ids_to_tokens(ids[len(prompt) :])
         assert labels[len(prompt) :] == ids[len(prompt) :]
         assert "".join(reply).replace("▁", " ") == messages[k]["content"] + "</s>"  # no doubled space
+
+
+def _metaspace_copy(base: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        (folder / name).write_bytes((base / name).read_bytes())
+    spec = json.loads((base / "tokenizer.json").read_text())
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder
 
 
 # --- another transformers version reads the same folders -------------------------------------------------------
