@@ -36,7 +36,7 @@ def atomic_dir(target: Path, *, is_complete: Callable[[Path], bool] | None = Non
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
     try:
-        with _named_write_errors(target):
+        with _named_write_errors(target, tmp):
             yield tmp
         if is_complete is not None and is_complete(target):
             return
@@ -81,15 +81,18 @@ def atomic_file(path: Path) -> Iterator[TextIO]:
 
 
 @contextmanager
-def _named_write_errors(target: Path) -> Iterator[None]:
-    """A full disk or a folder we may not write names what we were writing (not a temporary path)."""
+def _named_write_errors(target: Path, tmp: Path | None = None) -> Iterator[None]:
+    """A full disk or a folder we may not write names what we were writing, as the user will know it: a file in
+    our temporary folder by its place under `target`."""
     try:
         yield
     except OSError as e:
-        if e.filename is not None and not str(e.filename).startswith(str(target.parent)):
+        name = Path(str(e.filename)) if e.filename is not None else None
+        if name is not None and not str(name).startswith(str(target.parent)):
             raise  # a file read elsewhere (say the base model) failed, not our write
-        if e.errno == errno.ENOSPC:
-            raise RuntimeFailure(f"disk full while writing {target}; nothing was replaced") from None
+        shown = target / name.relative_to(tmp) if name and tmp and name.is_relative_to(tmp) else target
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RuntimeFailure(f"disk full while writing {shown} (the write failed: {e.strerror})") from None
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise UsageError(f"cannot write {target}: {e.strerror}") from None
+            raise UsageError(f"cannot write {shown}: {e.strerror}") from None
         raise

@@ -42,6 +42,7 @@ ST_DTYPES: dict[str, tuple[torch.dtype | None, int, int]] = {
 }
 
 COPY_CHUNK = 64 * 1024 * 1024
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 
 
@@ -56,30 +57,55 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensors of a safetensors file, after the format's own checks; a damaged file is a UsageError naming it.
+
+    The checks: an 8-byte header length, a JSON object header that fits in the file (and under safetensors' own
+    100 MB limit), every tensor's byte range inside the data and of the size its dtype and shape say, and the data
+    exactly covered (a cut-off download fails the last two).
+    """
+    bad = UsageError(f"{path}: not a valid safetensors file (truncated or corrupt)")
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
-                raise ValueError("file too short")
+                raise bad
             (n,) = struct.unpack("<Q", head)
-            if n > 256 * 2**20:
-                raise ValueError("header too large")
+            if n == 0 or n > size - 8 or n > MAX_HEADER:
+                raise bad
             header = json.loads(f.read(n))
-        size = path.stat().st_size
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: not a readable safetensors file ({e})") from None
-    entries = {}
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except ValueError:  # invalid JSON or UTF-8
+        raise bad from None
+    if not isinstance(header, dict):
+        raise bad
+    data = size - 8 - n
+    entries, end = {}, 0
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dt = info.get("dtype")
+        if not isinstance(info, dict):
+            raise bad
+        offsets, shape, dt = info.get("data_offsets"), info.get("shape"), info.get("dtype")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(x, int) for x in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data
+            and isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+        ):
+            raise bad
         if dt not in ST_DTYPES:
             raise UsageError(f"{path}: tensor {name} has unsupported dtype {dt}")
-        s, e = info["data_offsets"]
-        entry = TensorEntry(path, dt, tuple(int(d) for d in info["shape"]), 8 + n + s, e - s)
-        if entry.start + entry.nbytes > size or entry.nbytes != math.prod(entry.shape) * ST_DTYPES[dt][1]:
-            raise UsageError(f"{path}: tensor {name} is truncated or corrupt")
-        entries[name] = entry
+        nbytes = offsets[1] - offsets[0]
+        if nbytes != math.prod(shape) * ST_DTYPES[dt][1]:
+            raise bad
+        entries[name] = TensorEntry(path, dt, tuple(shape), 8 + n + offsets[0], nbytes)
+        end = max(end, offsets[1])
+    if end != data:
+        raise bad
     return entries
 
 

@@ -28,7 +28,6 @@ side files), ``verify`` (merged model against base + adapter), ``common`` (file 
 
 from __future__ import annotations
 
-import errno
 import re
 import signal
 import threading
@@ -52,7 +51,6 @@ from neftune_cli.merge.write import (
     _claim,
     _release,
     _remove_stale_temps,
-    _write_failure,
     _write_model,
     _write_side_files,
 )
@@ -191,7 +189,6 @@ def _merge(
     _check_disk_space(out.parent, plan.total_bytes)
 
     diff: float | None = None
-    tmp: Path | None = None
     try:
         with atomic_dir(out) as tmp:  # --overwrite was checked above: the old folder goes only once ours is whole
             _claim(tmp)
@@ -200,23 +197,9 @@ def _merge(
             if verify:
                 diff = _verify(base_dir, adapter_dir, tmp, device, plan, log)
             _release(tmp)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _write_failure(e, _shown(e.filename, tmp, out)) from None
+    except OSError as e:  # a full disk or a read-only folder was named by atomic_dir already
         raise RuntimeFailure(f"writing {out} failed: {e.strerror or e} ({e.filename or out})") from None
     return plan, diff
-
-
-def _shown(filename, tmp: Path | None, out: Path) -> Path | str:
-    """A path inside the temporary folder as the user will know it: under ``out``."""
-    if not filename:
-        return out
-    if tmp is not None:
-        try:
-            return out / Path(filename).relative_to(tmp)
-        except ValueError:
-            pass
-    return filename
 
 
 class _Terminated(BaseException):

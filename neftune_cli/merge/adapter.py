@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from neftune_cli.errors import UsageError
-from neftune_cli.merge.common import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _check_safetensors, _first_line
+from neftune_cli import safetensors_io as st
+from neftune_cli.errors import UsageError, first_line
+from neftune_cli.merge.common import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # LoraConfig fields whose non-default value means the adapter is not a plain (mergeable) LoRA.
 _UNSUPPORTED_FIELDS = {
@@ -100,7 +101,7 @@ def _read_adapter(adapter_dir: Path) -> _AdapterState:
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        _check_safetensors(weights)
+        st.read_header(weights)  # the format checks, naming the file
         try:
             tensors = load_file(str(weights))
         except Exception:  # noqa: BLE001 - what the structural check cannot see (a dtype this build lacks, ...)
@@ -109,7 +110,7 @@ def _read_adapter(adapter_dir: Path) -> _AdapterState:
         try:
             tensors = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - corrupt or foreign file
-            raise UsageError(f"{weights}: cannot read adapter weights ({type(e).__name__}: {_first_line(e)})") from None
+            raise UsageError(f"{weights}: cannot read adapter weights ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise UsageError(f"{weights}: expected a mapping of tensor names to tensors")
     if not tensors:

@@ -17,7 +17,6 @@ from neftune_cli.merge.common import (
     BIN_FILES,
     SAFE_INDEX,
     SAFE_SINGLE,
-    _check_safetensors,
 )
 
 
@@ -119,7 +118,6 @@ class _BaseCheckpoint:
         self.files = self._weight_files()
         self.entries: dict[str, st.TensorEntry] = {}
         for f in self.files:
-            _check_safetensors(f)
             for name, entry in st.read_header(f).items():
                 if name in self.entries:
                     raise UsageError(f"base model {path}: tensor {name} appears in two shards")

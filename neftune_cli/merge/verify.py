@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from neftune_cli.errors import RuntimeFailure, UsageError
-from neftune_cli.merge.common import _first_line
+from neftune_cli.errors import RuntimeFailure, UsageError, first_line
 
 if TYPE_CHECKING:
     from neftune_cli.merge.plan import _Plan
@@ -71,7 +70,7 @@ def _verify(base_dir: Path, adapter_dir: Path, merged_dir: Path, device: str, pl
                     ref = model(input_ids=ids).logits.float().cpu()
             except Exception as e:  # noqa: BLE001
                 raise RuntimeFailure(
-                    f"verification could not run base+adapter with peft ({type(e).__name__}: {_first_line(e)}); "
+                    f"verification could not run base+adapter with peft ({type(e).__name__}: {first_line(e)}); "
                     "use --no-verify to skip verification"
                 ) from None
             finally:
@@ -85,7 +84,7 @@ def _verify(base_dir: Path, adapter_dir: Path, merged_dir: Path, device: str, pl
             except Exception as e:  # noqa: BLE001
                 raise RuntimeFailure(
                     f"verification failed: the merged model does not load or run with transformers "
-                    f"({type(e).__name__}: {_first_line(e)})"
+                    f"({type(e).__name__}: {first_line(e)})"
                 ) from None
             finally:
                 merged = None
