@@ -209,6 +209,11 @@ def run_generate(target: Target, prompts_file: Path, out_file: Path, settings: S
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = target.load(device, merge=True)
     name = generator or target.name
+    positions = getattr(model.config, "max_position_embeddings", None)
+    over = sum(len(p.ids) + settings.max_new_tokens > positions for p in prompts) if positions else 0
+    if over:
+        log(f"warning: {over} prompts plus max_new_tokens are longer than the model's {positions} positions; "
+            "their answers go beyond what it was trained on")
     log(f"generate: {len(prompts)} prompts, batch {settings.batch_size}, max_new_tokens {settings.max_new_tokens}, "
         f"{_decoding(settings)}, stops {stops.token_ids + stops.strings}, {next(model.parameters()).dtype}, {device}")
     answers: dict[int, Answer] = {}

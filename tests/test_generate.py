@@ -3,6 +3,7 @@ stops are cut, the output loads with AlpacaEval's own loader, a Ctrl-C keeps wha
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import types
@@ -18,6 +19,8 @@ from neftune_cli.generate import Settings, Stops, read_prompts, stops_for
 from neftune_cli.inference import Target, plain_data_section, resolve
 from neftune_cli.recipe import Recipe
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 PROMPTS = [
     {"instruction": "Reverse the word.", "input": "banana", "dataset": "demo"},
     {"instruction": "Count the letters in the word cat."},
@@ -27,24 +30,17 @@ PROMPTS = [
 ]
 
 
-def per_prompt_loop(model, prompts: list[list[int]], settings: Settings, stops: Stops, tokenizer) -> list:
-    """What a user writes by hand: one model.generate call per prompt, stock transformers processors."""
-    answers = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=settings.max_new_tokens,
-                               do_sample=False, repetition_penalty=settings.repetition_penalty,
-                               eos_token_id=stops.token_ids, pad_token_id=stops.token_ids[0])
-        answers.append(gen.finish(y[0, len(ids):].tolist(), tokenizer, stops, settings.max_new_tokens))
-    return answers
+def _benchmark():
+    """benchmarks/generate.py: the hand-written per-prompt model.generate loop and ours, one copy for both."""
+    spec = importlib.util.spec_from_file_location("bench_generate", REPO_ROOT / "benchmarks" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def batched(model, prompts, settings, stops, tokenizer) -> list:
-    done = {}
-    for part in gen.generate(model, tokenizer, prompts, settings, stops):
-        done |= part
-    return [done[i] for i in range(len(prompts))]
+_bench = _benchmark()
+per_prompt_loop = _bench.per_prompt_loop
+batched = _bench.ours  # ours, with the {index: Answer} batches gathered back into prompt order
 
 
 @pytest.fixture(scope="module")
