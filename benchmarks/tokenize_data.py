@@ -1,4 +1,4 @@
-"""Data preparation speed: examples/s cold (read, render, tokenize, mask, parity gate, cache write) and warm
+"""Data preparation speed: examples/s cold (read, render, tokenize prompts and replies, mask, cache write) and warm
 (cache hit), on a fresh temporary cache.
 
     python benchmarks/tokenize_data.py                       # 52K Alpaca, Llama-2 tokenizer, num_proc 2
