@@ -3,7 +3,8 @@
 A run (or one of its checkpoints) is loaded as training loaded it: the recipe's base model, dtype, attention and
 tokenizer, with the adapter on top, and its prompts are formatted with the recipe's data section. A merged folder
 or any other model formats prompts with its tokenizer's chat template (a run's tokenizer files carry the template
-it trained with, so a merged model needs nothing more), or the Alpaca prompt with ``--template alpaca``.
+it trained with, so a merged model needs nothing more; the Alpaca prompt's jinja twin is recognised and the Alpaca
+prompt itself used), or the Alpaca prompt with ``--template alpaca``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from neftune_cli.checkpoint import META_FILE, RunDir
+from neftune_cli.data.templates import alpaca_jinja
 from neftune_cli.errors import UsageError, first_line
 from neftune_cli.modeling import load_base_model, load_tokenizer
 from neftune_cli.recipe import DataSection, ModelSection, Recipe, validate
@@ -30,9 +32,12 @@ class Target:
     data: DataSection  # how prompts are formatted (and, for a run, its training data)
     recipe: Recipe | None = None  # a run's recipe; None for a plain model
     adapter: Path | None = None  # a LoRA adapter to put on model
+    loaded_tokenizer: object = None  # when resolve already loaded it
 
     def tokenizer(self):
-        return load_tokenizer(self.model)
+        if self.loaded_tokenizer is None:
+            self.loaded_tokenizer = load_tokenizer(self.model)
+        return self.loaded_tokenizer
 
     def load(self, device: torch.device, *, merge: bool):
         """The model in eval mode. merge: fold the adapter in (faster decoding); eval keeps it apart, as training."""
@@ -54,8 +59,17 @@ def resolve(spec: str, template: str | None = None) -> Target:
             raise UsageError(f"--template: {spec} is a training run; its prompts use the template it was trained "
                              "with (--template is for plain models)")
         return _run_target(path)
-    data = plain_data_section(template or "chat")
-    return Target(name=path.name or spec, model=ModelSection(name_or_path=spec), data=data)
+    model = ModelSection(name_or_path=spec)
+    tokenizer = load_tokenizer(model)
+    data = plain_data_section(template or ("alpaca" if _is_alpaca_twin(tokenizer) else "chat"))
+    return Target(name=path.name or spec, model=model, data=data, loaded_tokenizer=tokenizer)
+
+
+def _is_alpaca_twin(tokenizer) -> bool:
+    """A model merged from a run trained with the Alpaca prompt carries its jinja twin as chat template. A chat
+    message cannot hold an Alpaca record's separate input, so such a model gets the Alpaca prompt itself, as its
+    run did; a record with an input then sees the "### Input:" prompt it was trained on."""
+    return tokenizer.chat_template in (alpaca_jinja(with_bos=True), alpaca_jinja(with_bos=False))
 
 
 def plain_data_section(template: str) -> DataSection:

@@ -160,3 +160,26 @@ def test_plot_without_matplotlib_names_the_extra(run, cli, tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     code, _, err = cli("plot", run, "--out", tmp_path / "curves.png")
     assert code == 2 and err.strip() == "error: neftune plot needs matplotlib: pip install 'neftune-cli[plot]'"
+
+
+def test_a_merged_run_answers_like_the_run(run, tmp_path):
+    """The merged folder's tokenizer carries the Alpaca prompt's jinja twin: generate recognises it and uses the
+    Alpaca prompt itself, so records with an input get the "### Input:" prompt the run was trained on."""
+    import torch
+
+    from neftune_cli.generate import Settings, generate, read_prompts, stops_for
+    from neftune_cli.merge import merge
+
+    merged = merge(run, tmp_path / "merged", log=lambda _: None).out
+    prompts_file = run.parent / "eval.jsonl"
+    answers = []
+    for target in (resolve(str(run)), resolve(str(merged))):
+        tokenizer = target.tokenizer()
+        prompts = [p.ids for p in read_prompts(prompts_file, target, tokenizer)]
+        model = target.load(torch.device("cpu"), merge=True)
+        done = {}
+        for part in generate(model, tokenizer, prompts, Settings(max_new_tokens=8), stops_for(target, tokenizer)):
+            done |= part
+        answers.append((target.data.template, prompts, [done[i] for i in range(len(prompts))]))
+    assert answers[1][0] == "alpaca"
+    assert answers[0][1:] == answers[1][1:]
