@@ -183,3 +183,97 @@ def _check_export_target(out: Path, loaded, overwrite: bool) -> None:
             raise UsageError(f"{out} is an input of the recipe ({path}); export to another file")
     if not overwrite:
         raise UsageError(f"{out} exists; add --overwrite to replace it")
+
+
+def _names(values: list[str] | None, option: str) -> set[str]:
+    from neftune_cli.data.filters import FILTERS
+
+    names = {n.strip() for v in values or [] for n in v.split(",") if n.strip()}
+    if unknown := sorted(names - set(FILTERS) - {"bad"}):
+        raise UsageError(f"{option} {','.join(unknown)}: unknown filter; expected {', '.join(list(FILTERS)[1:])}")
+    return names
+
+
+def _words(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    return default if text is None else tuple(w.strip() for w in text.split(",") if w.strip())
+
+
+@app.command()
+def clean(
+    source: str = typer.Argument(..., help="Data file, folder or hub dataset; or a recipe (.yaml) to clean each of "
+                                 "its training sources.", show_default=False),
+    out: Path = typer.Option(None, "--out", help="Cleaned file (a folder for a folder or a recipe), same format."),
+    report_path: Path = typer.Option(None, "--report", help="Write the report (JSON) here."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write only the report; --out is not needed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (never an input)."),
+    fmt: str = typer.Option("auto", "--format", help="auto|alpaca|sharegpt|messages (not for a recipe)."),
+    fields: list[str] = typer.Option(None, "--field", metavar="OURS=THEIRS",
+                                     help="Column rename, e.g. output=answer (not for a recipe). Repeatable."),
+    without: list[str] = typer.Option(None, "--without", help="Turn filters off, e.g. near_dup,punctuation."),
+    with_: list[str] = typer.Option(None, "--with", help="Turn filters on, e.g. non_english."),
+    rouge_l: float = typer.Option(0.7, "--rouge-l", min=0.01, max=1.0,
+                                  help="near_dup: ROUGE-L F at or above which an instruction is a near-duplicate."),
+    min_words: int = typer.Option(4, "--min-words", min=0, help="length: fewest words in an instruction."),
+    max_words: int = typer.Option(150, "--max-words", min=1, help="length: most words in an instruction."),
+    max_output_words: int = typer.Option(None, "--max-output-words", min=1, help="length: most words in an output."),
+    blocklist: str = typer.Option(None, "--blocklist", help="blocklist: comma-separated words/phrases, replacing "
+                                  "Alpaca's (image, graph, picture, file, map, draw, plot, go to, video, ...)."),
+    placeholders: str = typer.Option(None, "--placeholders", help="empty: comma-separated output starts that mean "
+                                     "no output (default <nooutput>, <no output>, <noinput>, <no input>)."),
+    max_non_ascii: float = typer.Option(0.5, "--max-non-ascii", min=0.0, max=1.0,
+                                        help="non_english: largest share of non-ASCII letters in an instruction."),
+    on_bad_record: str = typer.Option("error", "--on-bad-record", help="error (exit 2) or skip (remove, count)."),
+) -> None:
+    """Remove duplicates, near-duplicate instructions (ROUGE-L), empty or placeholder outputs and instructions
+    a text model cannot use; write the rest unchanged, in order, in the input's format; report what went and why.
+
+    Example: neftune data clean alpaca_data.json --out alpaca_clean.json --report clean_report.json
+    """
+    from neftune_cli.data import clean as cleaning
+    from neftune_cli.data import clean_summary
+    from neftune_cli.data.filters import BLOCKLIST, DEFAULT_OFF, FILTERS, PLACEHOLDERS, Rules
+
+    if on_bad_record not in ("error", "skip"):
+        raise UsageError(f"--on-bad-record {on_bad_record}: expected error or skip")
+    if fmt not in ("auto", "alpaca", "sharegpt", "messages"):
+        raise UsageError(f"--format {fmt}: expected auto, alpaca, sharegpt or messages")
+    if out is None and not dry_run:
+        raise UsageError("--out is required (or --dry-run to write only the report)")
+    if min_words > max_words:
+        raise UsageError(f"--min-words {min_words} is above --max-words {max_words}")
+    renames = dict(f.split("=", 1) for f in fields or [] if "=" in f)
+    if len(renames) < len(fields or []):
+        raise UsageError("--field: expected OURS=THEIRS, e.g. output=answer")
+    rules = Rules(
+        enabled=frozenset((set(FILTERS) - DEFAULT_OFF - _names(without, "--without")) | _names(with_, "--with")),
+        min_words=min_words, max_words=max_words, max_output_words=max_output_words,
+        blocklist=_words(blocklist, BLOCKLIST), placeholders=_words(placeholders, PLACEHOLDERS),
+        max_non_ascii=max_non_ascii,
+    )
+    target = None if dry_run else out
+    recipe_form = Path(source).suffix.lower() in (".yaml", ".yml")
+    if recipe_form:
+        from neftune_cli.recipe import load_recipe
+
+        if fmt != "auto" or renames:
+            raise UsageError("--format and --field are for a data file; a recipe's sources carry their own")
+        if out is not None and out.suffix.lower() in cleaning.EXTENSIONS:
+            raise UsageError(f"--out {out}: a recipe's sources are cleaned into a folder")
+        units, targets = cleaning.plan_recipe(load_recipe(source).recipe.data.sources, target, overwrite=overwrite)
+    else:
+        units = cleaning.plan_path(source, target, fmt=fmt, fields=renames or None, overwrite=overwrite)
+    if report_path is not None:
+        cleaning.check_report_path(report_path, units, overwrite=overwrite)
+    with clean_summary.Phases() as progress:
+        result = cleaning.clean(units, rules, rouge_l=rouge_l, skip_bad=on_bad_record == "skip", progress=progress)
+    cleaning.write(result)
+    summary = cleaning.report(result, rules, rouge_l=rouge_l)
+    if report_path is not None:
+        with atomic_file(report_path) as f:
+            json.dump(summary, f, ensure_ascii=False, indent=1)
+            f.write("\n")
+    clean_summary.show(summary)
+    if recipe_form and not dry_run:
+        console.out.print("train on the cleaned data with:", markup=False)
+        for k, path in enumerate(targets):
+            console.out.print(f"  --set data.sources.{k}.path={path.resolve()}", markup=False)

@@ -65,6 +65,15 @@ class BadRecord(Exception):
         super().__init__(f"field {field}: {reason}" if field else reason)
 
 
+class EmptyText(BadRecord):
+    """A required text, turn or conversation is empty: well-formed, but nothing to learn from.
+    Training treats it as any bad record; ``neftune data clean`` removes it as a filter instead of failing."""
+
+
+class OneSided(BadRecord):
+    """A conversation with no assistant turn to train on (``neftune data clean`` filters it, like EmptyText)."""
+
+
 def is_conversation(record: Record) -> bool:
     return "messages" in record
 
@@ -145,7 +154,7 @@ def _text(value: dict, ours: str, fields: Fields, *, required: bool) -> str:
     if not isinstance(text, str):
         raise BadRecord(fields.label(ours), f"expected a string, got {type(text).__name__}")
     if required and not text.strip():
-        raise BadRecord(fields.label(ours), "empty")
+        raise EmptyText(fields.label(ours), "empty")
     return text
 
 
@@ -157,7 +166,7 @@ def _turns(value: dict, ours: str, fields: Fields) -> tuple[str, list]:
     if not isinstance(turns, list):
         raise BadRecord(fields.label(ours), f"expected a list of turns, got {type(turns).__name__}")
     if not turns:
-        raise BadRecord(fields.label(ours), "empty conversation")
+        raise EmptyText(fields.label(ours), "empty conversation")
     return column, turns
 
 
@@ -203,7 +212,7 @@ def _content(turn: dict, where: str, key: str) -> str:
     if not isinstance(text, str):
         raise BadRecord(where, f"expected a string, got {type(text).__name__}")
     if not text.strip():
-        raise BadRecord(where, "empty")
+        raise EmptyText(where, "empty")
     return text
 
 
@@ -211,7 +220,7 @@ def _check_conversation(conversation: Conversation, response: bool) -> None:
     messages = conversation["messages"]
     if response:
         if not any(conversation["trained"]):
-            raise BadRecord(conversation["field"], "no assistant turn to train on")
+            raise OneSided(conversation["field"], "no assistant turn to train on")
         if messages[0]["role"] == "assistant":
             raise BadRecord(turn_name(conversation, 0), "the conversation starts with an assistant turn: no prompt")
     elif messages[-1]["role"] == "assistant":
