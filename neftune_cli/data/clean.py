@@ -193,7 +193,7 @@ def _exact_duplicates(items: list[Item]) -> None:
 
 def _near_duplicates(items: list[Item], threshold: float, progress: Progress | None) -> None:
     texts = [item.view.instruction if _undecided(item) else None for item in items]
-    tick = (lambda done: progress("near_dup", done, len(texts))) if progress is not None else None
+    tick = (lambda phase, done: progress(f"near_dup {phase}", done, len(texts))) if progress is not None else None
     for i, (j, score) in near_duplicates(texts, threshold, tick).items():
         items[i].removed, items[i].duplicate_of, items[i].score = "near_dup", j, score
         items[i].reason = f"ROUGE-L {score:.3f} with an earlier kept instruction"

@@ -80,21 +80,21 @@ def rouge_l(a: str, b: str) -> float:
 
 
 def near_duplicates(
-    texts: Sequence[str | None], threshold: float, progress: Callable[[int], None] | None = None
+    texts: Sequence[str | None], threshold: float, progress: Callable[[str, int], None] | None = None
 ) -> dict[int, tuple[int, float]]:
     """Keep-first filter: {i: (j, score)} for each text whose ROUGE-L F against an earlier kept text j is
     >= threshold (j is the earliest such). None marks a record another filter removed: neither compared nor kept.
 
     Equal to comparing each text with every earlier kept one (``exhaustive_near_duplicates``).
-    progress(n) is called with the number of texts done, now and then.
+    progress(phase, n) is called now and then with the texts done in each phase: "candidates", then "scoring".
     """
     ids, ranked = _encode(texts)
-    candidates = _candidate_pairs(ids, ranked, threshold)
+    candidates = _candidate_pairs(ids, ranked, threshold, progress)
     masks: dict[int, dict] = {}
     found: dict[int, tuple[int, float]] = {}
     for i, seq in enumerate(ids):
         if progress is not None and i % 2048 == 0:
-            progress(i)
+            progress("scoring", i)
         if not seq:
             continue
         m = len(seq)
@@ -108,7 +108,7 @@ def near_duplicates(
         else:
             masks[i] = match_masks(seq)
     if progress is not None:
-        progress(len(ids))
+        progress("scoring", len(ids))
     return found
 
 
@@ -150,7 +150,8 @@ def _encode(texts: Sequence[str | None]) -> tuple[list[list[int]], list[list[int
     return ids, [sorted(rank[e] for e in own) for own in elements]
 
 
-def _candidate_pairs(ids: list[list[int]], ranked: list[list[int]], t: float) -> list[list[int]]:
+def _candidate_pairs(ids: list[list[int]], ranked: list[list[int]], t: float,
+                     progress: Callable[[str, int], None] | None) -> list[list[int]]:
     """Per record i, the earlier records j (ascending) that may reach ROUGE-L F >= t with i: a superset of the
     true pairs.
 
@@ -172,6 +173,8 @@ def _candidate_pairs(ids: list[list[int]], ranked: list[list[int]], t: float) ->
     lengths = np.asarray([len(s) for s in ids], np.int64)
     later_parts, earlier_parts = [], []
     for block in range(0, size, PROBE_BLOCK):
+        if progress is not None:
+            progress("candidates", block)
         probe_keys, probe_rows = [], []
         for i in range(block, min(block + PROBE_BLOCK, size)):
             elements = ranked[i]
@@ -188,6 +191,8 @@ def _candidate_pairs(ids: list[list[int]], ranked: list[list[int]], t: float) ->
         keep = (shared >= need) & (a != b)
         later_parts.append(np.maximum(a[keep], b[keep]))
         earlier_parts.append(np.minimum(a[keep], b[keep]))
+    if progress is not None:
+        progress("candidates", size)
     if not later_parts:
         return []
     # sorted, once each: equal lengths find a pair from both sides
