@@ -9,6 +9,9 @@ TF4 ?= transformers==4.57.*
 TORCH ?=
 
 .PHONY: install test test-tf4 demo lint bench clean
+# `make demo` answers the held-out demo prompts before and after fine-tuning with these settings.
+DEMO_GENERATE := --prompts recipes/data/demo_eval.jsonl --format jsonl --repetition-penalty 1 \
+	--max-new-tokens 32 --batch-size 50
 
 install: $(VENV)/.installed
 
@@ -30,6 +33,10 @@ demo: install
 	$(BIN)/neftune data preview recipes/demo.yaml -n 1
 	$(BIN)/neftune train recipes/demo.yaml --overwrite
 	$(BIN)/neftune merge runs/demo --out merged/demo --overwrite
+	@# held-out prompts, greedy, no repetition penalty (answers copy words from the prompt): base vs merged model
+	$(BIN)/neftune generate builtin:tiny-llama --template alpaca $(DEMO_GENERATE) --out runs/demo-answers/before.jsonl
+	$(BIN)/neftune generate merged/demo $(DEMO_GENERATE) --out runs/demo-answers/after.jsonl
+	$(BIN)/python -m neftune_cli.demo_check runs/demo-answers/before.jsonl runs/demo-answers/after.jsonl
 
 lint: install
 	$(BIN)/ruff check neftune_cli tests benchmarks
@@ -37,6 +44,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/tokenize_data.py
 	$(BIN)/python benchmarks/merge.py
+	$(BIN)/python benchmarks/generate.py --threads 1
 	$(BIN)/python benchmarks/train.py
 
 clean:
