@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 from neftune_cli.data.formats import Record, is_conversation
 
@@ -45,12 +46,11 @@ class Rules:
     blocklist: tuple[str, ...] = BLOCKLIST
     placeholders: tuple[str, ...] = PLACEHOLDERS
     max_non_ascii: float = 0.5
-    _blocked: re.Pattern | None = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    @cached_property
+    def _blocked(self) -> re.Pattern | None:
         words = [w.strip() for w in self.blocklist if w.strip()]
-        pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE) if words else None
-        object.__setattr__(self, "_blocked", pattern)
+        return re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE) if words else None
 
     def problem(self, view: View) -> tuple[str, str] | None:
         """(filter, reason) of the first enabled rule that removes the record, or None."""
