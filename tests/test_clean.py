@@ -182,6 +182,8 @@ def test_summary_table_on_a_terminal(cli, tmp_path, monkeypatch):
         (lambda p: write_jsonl(p / "in.jsonl", KEEP), ["{p}/in.jsonl"], "--out is required"),
         (lambda p: write_jsonl(p / "in.jsonl", KEEP), ["{p}/in.jsonl", "--dry-run", "--without", "typo"],
          "--without typo: unknown filter"),
+        (lambda p: write_jsonl(p / "in.jsonl", KEEP), ["{p}/in.jsonl", "--dry-run", "--field", "answer=output"],
+         "--field answer=...: unknown field"),
         (lambda p: write_jsonl(p / "in.jsonl", KEEP), ["{p}/in.jsonl", "--dry-run", "--report", "{p}/in.jsonl"],
          "--report {p}/in.jsonl is an input file"),
         (lambda p: (p / "in.json").write_text("[{\"instruction\": 1"), ["{p}/in.json", "--dry-run"],

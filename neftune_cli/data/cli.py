@@ -1,5 +1,5 @@
-"""``neftune data``: preview, stats and export of a recipe's tokenized data. Errors are raised, not printed:
-the top-level ``neftune`` entry point turns them into one line and an exit code."""
+"""``neftune data``: preview, stats and export of a recipe's tokenized data; clean for the raw records.
+Errors are raised, not printed: the top-level ``neftune`` entry point turns them into one line and an exit code."""
 
 from __future__ import annotations
 
@@ -232,6 +232,7 @@ def clean(
     from neftune_cli.data import clean as cleaning
     from neftune_cli.data import clean_summary
     from neftune_cli.data.filters import BLOCKLIST, DEFAULT_OFF, FILTERS, PLACEHOLDERS, Rules
+    from neftune_cli.recipe import SourceSection
 
     if on_bad_record not in ("error", "skip"):
         raise UsageError(f"--on-bad-record {on_bad_record}: expected error or skip")
@@ -244,6 +245,8 @@ def clean(
     renames = dict(f.split("=", 1) for f in fields or [] if "=" in f)
     if len(renames) < len(fields or []):
         raise UsageError("--field: expected OURS=THEIRS, e.g. output=answer")
+    if unknown := sorted(set(renames) - set(SourceSection.FIELD_NAMES)):
+        raise UsageError(f"--field {unknown[0]}=...: unknown field; ours are {', '.join(SourceSection.FIELD_NAMES)}")
     rules = Rules(
         enabled=frozenset((set(FILTERS) - DEFAULT_OFF - _names(without, "--without")) | _names(with_, "--with")),
         min_words=min_words, max_words=max_words, max_output_words=max_output_words,
