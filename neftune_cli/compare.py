@@ -76,15 +76,15 @@ def compare_rows(runs: list[Path], answers: list[Path]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> list[str]:
     columns = [c for c in COLUMNS if any(c in r for r in rows)]
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    cells = [[_cell(c, r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    return lines + ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in cells]
+    return ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in [columns, *cells]]
 
 
-def _cell(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
+FORMATS = {"alpha": "{:g}", "tokens": "{:,}", "wall_s": "{:.1f}", "train_loss": "{:.4f}", "eval_loss": "{:.4f}",
+           "answer_tokens": "{:.1f}", "answer_chars": "{:.1f}", "hit_max": "{:.1%}", "rep_2": "{:.2f}",
+           "diversity": "{:.4f}"}
+
+
+def _cell(column: str, value) -> str:
+    return "n/a" if value is None else FORMATS.get(column, "{}").format(value)

@@ -219,7 +219,7 @@ def run_generate(target: Target, prompts_file: Path, out_file: Path, settings: S
     answers: dict[int, Answer] = {}
     started = time.perf_counter()
     try:
-        with _progress(len(prompts)) as advance:
+        with BatchProgress(len(prompts)) as advance:
             for done in generate(model, tokenizer, [p.ids for p in prompts], settings, stops):
                 answers.update(done)
                 advance(len(answers), sum(a.output_tokens for a in answers.values()), time.perf_counter() - started)
@@ -266,7 +266,7 @@ def write_answers(path: Path, prompts: list[Prompt], answers: dict[int, Answer],
             json.dump(rows, f, ensure_ascii=False, indent=2)
 
 
-class _progress:
+class BatchProgress:
     """A rich bar on a terminal; a plain line per batch otherwise (logs, CI, nohup)."""
 
     def __init__(self, total: int):

@@ -145,7 +145,7 @@ def test_compare_cli_table(run, cli):
     assert code == 0, err
     header, *rows = out.strip().splitlines()
     assert header.split() == ["run", "alpha", "scale", "steps", "tokens", "wall_s", "train_loss", "eval_loss"]
-    assert len(rows) == 2 and rows[0].split()[:4] == ["run", "5.0000", "paper", "6"]
+    assert len(rows) == 2 and rows[0].split()[:4] == ["run", "5", "paper", "6"]
 
 
 def test_plot_writes_a_png_that_opens(run, cli, tmp_path):
