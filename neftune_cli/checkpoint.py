@@ -149,9 +149,10 @@ class RunDir:
             f.write("".join(line + "\n" for line in keep))
 
 
-def save_model(model, folder: Path) -> None:
-    """PEFT adapter (adapter_config.json + adapter_model.safetensors) or a full HF model."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_model(model, folder: Path, state_dict: dict | None = None) -> None:
+    """PEFT adapter (adapter_config.json + adapter_model.safetensors) or a full HF model; `state_dict`: the whole
+    weights when FSDP holds the model's in shards."""
+    model.save_pretrained(folder, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
 
 
 class CorruptCheckpoint(Exception):
@@ -224,11 +225,12 @@ def load_weights(model, checkpoint: Checkpoint) -> None:
 
 
 def save_checkpoint(
-    run: RunDir, step: int, model, trainer_state: dict, meta: dict, keep_last: int, hand_on: TokenizerFiles
+    run: RunDir, step: int, model, trainer_state: dict, meta: dict, keep_last: int, hand_on: TokenizerFiles,
+    weights: dict | None = None,
 ) -> Path:
     target = run.checkpoints / f"step-{step}"
     with atomic_dir(target) as tmp:
-        save_model(model, tmp)
+        save_model(model, tmp, weights)
         hand_on.write(tmp)  # a checkpoint serves (or merges) like final/
         faults.checkpoint(f"checkpoint-write-{step}")
         torch.save(trainer_state, tmp / STATE_FILE)

@@ -35,6 +35,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data", help="Inspect how a recipe's data is tokenized and masked.")
 
+EXIT_CODE_DIR = "NEFTUNE_EXIT_CODE_DIR"
 RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
 SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. train.lr=1e-4. Repeatable.")
 
@@ -97,6 +98,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output.dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing output.dir and start over."),
     force: bool = typer.Option(False, "--force", help="Resume even if the recipe, data or tokenizer changed."),
+    nproc: int = typer.Option(None, "--nproc", min=1, help="Processes (GPUs) on this machine: runs torchrun."),
 ) -> None:
     """Fine-tune as the recipe says; writes checkpoints, metrics.jsonl and final/ to output.dir.
 
@@ -106,6 +108,8 @@ def train(
 
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other")
+    if nproc is not None and "WORLD_SIZE" not in os.environ:
+        _run_torchrun(nproc)
     loaded = load_recipe(recipe, set_)
     again = ["neftune", "train", str(recipe), *[f"--set {shlex.quote(s)}" for s in set_ or []], "--resume"]
     run_training(loaded, resume=resume, overwrite=overwrite, force=force, resume_command=" ".join(again))
@@ -257,6 +261,35 @@ def plot(
     out.print(f"wrote {out_file}", markup=False)
 
 
+def _run_torchrun(nproc: int) -> None:
+    """`neftune train ... --nproc N` is `torchrun --standalone --nproc_per_node N -m neftune_cli train ...`, with
+    our exit codes: torchrun reports any failure as 1, so each rank leaves its own code in a file for us."""
+    import signal
+    import subprocess
+    import tempfile
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg == "--nproc":
+            skip = not skip
+            continue
+        if not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "neftune_cli", *args]
+    log(f"running: {shlex.join(command[1:])}")
+    with tempfile.TemporaryDirectory(prefix="neftune-exit-") as codes:
+        child = subprocess.Popen(command, env={**os.environ, EXIT_CODE_DIR: codes})
+        # A scheduler's SIGTERM may reach only us: pass it on (torchrun passes it to every rank).
+        signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the ranks through the terminal already
+        launcher = child.wait()
+        ranks = [int(p.read_text()) for p in Path(codes).iterdir()]
+    failed = [c for c in ranks if c]
+    # a specific code (2 usage, 130/143 signals) over the generic 1 of ranks that failed because another did
+    sys.exit(next((c for c in failed if c != EXIT_RUNTIME), failed[0] if failed else launcher))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn every failure into one line and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -278,15 +311,25 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         code = _report(None, "interrupted", EXIT_SIGINT, debug)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
-        code = _report(e, f"error: {type(e).__name__}: {first_line(e)}" + _hint(e), EXIT_RUNTIME, debug)
-        if not debug:  # not one of our messages: the traceback is where the cause is
-            err.print("(run with --debug for the traceback)", markup=False)
+        from neftune_cli.distributed import is_peer_failure
+
+        if is_peer_failure(e) and not debug:
+            code = EXIT_RUNTIME  # the process that failed has said why
+        else:
+            code = _report(e, f"error: {type(e).__name__}: {first_line(e)}" + _hint(e), EXIT_RUNTIME, debug)
+            if not debug:  # not one of our messages: the traceback is where the cause is
+                err.print("(run with --debug for the traceback)", markup=False)
+    if EXIT_CODE_DIR in os.environ:  # a rank under `--nproc`: tell the wrapper how this process ended
+        (Path(os.environ[EXIT_CODE_DIR]) / os.environ.get("RANK", "0")).write_text(str(code))
     sys.exit(code)
 
 
 def _report(exc: BaseException | None, message: str, code: int, debug: bool) -> int:
     if debug and exc is not None:
         traceback.print_exception(exc)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: say which process failed
+        message = message.replace("error: ", f"error: [rank {os.environ.get('RANK', '?')}] ", 1)
+    err.quiet = False  # ranks other than 0 are quiet but for their own errors
     err.print(message, markup=False)
     return code
 

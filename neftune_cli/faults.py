@@ -4,6 +4,8 @@
 touches the file named by ``NEFTUNE_TEST_PAUSE_FILE`` (the test waits for it) and sleeps until the process is
 signalled or killed, at most 60 seconds, after which it returns and the process carries on. No sleeps in tests, no
 races: the test knows the process is exactly there.
+
+``crash_point(name)`` raises instead, in the process that ``NEFTUNE_TEST_CRASH_AT`` names.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 PAUSE_AT = "NEFTUNE_TEST_PAUSE_AT"
+CRASH_AT = "NEFTUNE_TEST_CRASH_AT"
 PAUSE_FILE = "NEFTUNE_TEST_PAUSE_FILE"
 MAX_PAUSE_S = 60.0
 
@@ -27,3 +30,11 @@ def checkpoint(name: str) -> None:
     deadline = time.monotonic() + MAX_PAUSE_S
     while time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def crash_point(name: str) -> None:
+    """Raise here when ``NEFTUNE_TEST_CRASH_AT`` names this point, as ``name`` or ``name@RANK`` (one torchrun
+    process only): a failure on one rank, for the tests of how the others stop."""
+    wanted = os.environ.get(CRASH_AT)
+    if wanted and wanted in (name, f"{name}@{os.environ.get('RANK', '0')}"):
+        raise RuntimeError(f"fault injected at {name}")

@@ -222,6 +222,11 @@ class TrainSection(Section):
         "pad: pad to the longest, length-grouped.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp (a model copy per process) or fsdp (FSDP2: weights, gradients and "
+        "optimizer state sharded across processes, for models that do not fit one GPU). Ignored with one process.",
+    )
     seed: int = Field(0, description="Seed for initialisation, data order, dropout and noise.")
     log_every: int = Field(10, ge=1, description="Steps between log lines / metrics records.")
     eval_every: int | None = Field(None, ge=1, description="Steps between eval-loss runs (and one at the end).")

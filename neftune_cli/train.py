@@ -13,13 +13,13 @@ import math
 import random
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from neftune_cli import __version__
+from neftune_cli import __version__, distributed, faults
 from neftune_cli.atomic import atomic_dir, atomic_file
 from neftune_cli.batching import IGNORE, batch_builder, plan_epoch
 from neftune_cli.checkpoint import (
@@ -74,29 +74,38 @@ class Schedule:
 
 def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
                  resume_command: str = "neftune train RECIPE --resume") -> dict:
-    """Train as the recipe says, holding output.dir for the whole run. Returns the final summary (also printed)."""
-    with RunDir(Path(loaded.recipe.output.dir)).locked() as run:
-        run.prepare(resume=resume, overwrite=overwrite)
-        resume_from = latest_intact_checkpoint(run) if resume else None
-        return _train(loaded, run, resume_from, force=force, resume_command=resume_command)
+    """Train as the recipe says, holding output.dir for the whole run (rank 0 holds it under torchrun).
+    Returns the final summary (also printed)."""
+    d = distributed.init(loaded.recipe.train.distributed)
+    run = RunDir(Path(loaded.recipe.output.dir))
+    try:
+        with run.locked() if d.main else nullcontext():
+            with distributed.main_first(d):  # the others read what rank 0 cleaned up and tokenized
+                if d.main:
+                    run.prepare(resume=resume, overwrite=overwrite)
+                resume_from = latest_intact_checkpoint(run) if resume else None
+                tokenizer = load_tokenizer(loaded.recipe.model)
+                data = prepare(loaded.recipe, tokenizer, log=log)
+            return _train(loaded, run, d, tokenizer, data, resume_from, force=force, resume_command=resume_command)
+    finally:
+        distributed.shutdown(d)
 
 
-def _train(loaded: LoadedRecipe, run: RunDir, resume_from: Checkpoint | None, *, force: bool,
-           resume_command: str) -> dict:
+def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, data: PreparedData,
+           resume_from: Checkpoint | None, *, force: bool, resume_command: str) -> dict:
     recipe = loaded.recipe
     t = recipe.train
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    seed_everything(t.seed)
+    device = d.device
+    distributed.check_batch(t.grad_accum, t.micro_batch_size, d)
+    seed_everything(t.seed)  # the same initial weights (LoRA's A) on every rank: FSDP does not broadcast them
     for warning in loaded.warnings():
         log(f"warning: {warning}")
 
     # --- data ---
-    tokenizer = load_tokenizer(recipe.model)
-    data = prepare(recipe, tokenizer, log=log)
     hand_on = tokenizer_files(model_path(recipe.model), recipe.data, tokenizer)  # with every saved model
     log(f"data: {data.report.summary()}")
     if resume_from is not None:
-        check_resumable(resume_from, recipe, data, force)
+        check_resumable(resume_from, recipe, data, force, d)
     lengths = data.train["length"]
     schedule = Schedule.of(recipe, len(lengths))
     if resume_from is not None and resume_from.step >= schedule.total_steps and run.final.is_dir():
@@ -109,11 +118,16 @@ def _train(loaded: LoadedRecipe, run: RunDir, resume_from: Checkpoint | None, *,
 
     # --- model and optimizer ---
     model = load_model(recipe, device)
+    if resume_from is not None:
+        load_weights(model, resume_from)  # before FSDP shards the parameters
     trainer = CausalLMLoss(model, recipe.neftune.alpha, recipe.neftune.scale)
     if t.batching == "pack" and not attention_stays_within_examples(trainer):
         raise UsageError(f"train.batching: pack needs attention that stays within each packed example, and "
                          f"{recipe.model.name_or_path} with attn_implementation {recipe.model.attn_implementation} "
                          f"lets examples see each other; use batching: pad or attn_implementation: flash_attention_2")
+    step_forward = distributed.wrap(trainer, d)
+    if d.rank:
+        seed_everything(t.seed + d.rank)  # from here each rank its own dropout stream
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     log(f"model: {n_total / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trained "
@@ -121,52 +135,62 @@ def _train(loaded: LoadedRecipe, run: RunDir, resume_from: Checkpoint | None, *,
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule.lr_factor(t.schedule, s))
-    noise_generator = torch.Generator(device=device).manual_seed(t.seed + 1)
+    noise_generator = torch.Generator(device=device).manual_seed(t.seed + 1 + d.rank)
 
     start_step = 0
     if resume_from is not None:
-        load_weights(model, resume_from)
         state = resume_from.state
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(step_forward, optimizer, state["optimizer"], d)
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"], noise_generator)
+        restore_rng(state["rng"][d.rank], noise_generator)
         start_step = state["step"]
-        run.truncate_metrics(start_step)
+        if d.main:
+            run.truncate_metrics(start_step)
         log(f"resume: from {resume_from.folder} (step {start_step} of {schedule.total_steps})")
-    else:
+    elif d.main:
         with atomic_file(run.root / "recipe.yaml") as f:
             f.write(recipe_to_yaml(recipe))
         with atomic_file(run.root / "data_report.json") as f:
             json.dump(data.report.to_dict(), f, indent=2)
-    log(f"train: {schedule.total_steps} steps of {t.grad_accum} x {t.micro_batch_size} examples "
-        f"({t.batching}), {len(lengths)} examples, noise alpha {recipe.neftune.alpha or 0} ({recipe.neftune.scale})")
+    processes = f" on each of {d.world} processes ({d.mode})" if d.enabled else ""
+    log(f"train: {schedule.total_steps} steps of {t.grad_accum // d.world} x {t.micro_batch_size} examples"
+        f"{processes} ({t.batching}), {len(lengths)} examples, noise alpha {recipe.neftune.alpha or 0} "
+        f"({recipe.neftune.scale})")
 
     meta = {"recipe": recipe.model_dump(mode="json"), "data_fingerprint": data.fingerprint,
-            "tokenizer_fingerprint": data.tokenizer_fingerprint, "version": __version__}
+            "tokenizer_fingerprint": data.tokenizer_fingerprint, "version": __version__, "world_size": d.world}
 
     def checkpoint(step: int) -> Path:
-        if not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+        """Every rank takes part (gathers); rank 0 writes."""
+        local_bad = sum(not bool(local(p.detach()).isfinite().all()) for p in params)
+        if distributed.sum_all([local_bad], d)[0]:
             raise RuntimeFailure(f"the weights hold NaN/inf after step {step}; not saving them. Last good checkpoint: "
                                  f"{run.latest_checkpoint() or 'none'}. Try a lower train.lr")
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(noise_generator), "step": step}
-        return save_checkpoint(run, step, model, state, {**meta, "step": step}, t.keep_last, hand_on)
+        weights = distributed.full_model_state(model, d)
+        state = {"optimizer": distributed.optimizer_state(step_forward, optimizer, d),
+                 "scheduler": scheduler.state_dict(), "rng": distributed.gather_object(rng_state(noise_generator), d),
+                 "step": step}
+        where = run.checkpoints / f"step-{step}"
+        if d.main:
+            where = save_checkpoint(run, step, model, state, {**meta, "step": step}, t.keep_last, hand_on, weights)
+        distributed.barrier(d)
+        return where
 
     @functools.lru_cache(maxsize=1)
     def epoch_plan(epoch: int) -> list[list[int]]:
         return plan_epoch(lengths, t.micro_batch_size, seed=t.seed, epoch=epoch, group_by_length=t.batching == "pad")
 
     def micro_batches(step: int) -> list[list[int]]:
-        """Example indices of the micro-batches of optimizer step `step` (1-based)."""
+        """Example indices of this rank's micro-batches of optimizer step `step` (1-based)."""
         epoch, k = divmod(step - 1, schedule.steps_per_epoch)
-        return epoch_plan(epoch)[k * t.grad_accum:(k + 1) * t.grad_accum]
+        return distributed.my_share(epoch_plan(epoch)[k * t.grad_accum:(k + 1) * t.grad_accum], d)
 
     # --- the loop ---
-    metrics_file = run.metrics.open("a", encoding="utf-8")
-    progress = Progress(schedule.total_steps, start_step, enabled=stdout_is_tty())
+    metrics_file = run.metrics.open("a", encoding="utf-8") if d.main else None
+    progress = Progress(schedule.total_steps, start_step, enabled=stdout_is_tty() and d.main)
 
     def run_eval(step: int) -> float:
-        eval_loss = evaluate(trainer, data.eval, batch_of, t.micro_batch_size)
+        eval_loss = evaluate(step_forward, data.eval, batch_of, t.micro_batch_size, d)
         write_metrics(metrics_file, {"step": step, "eval_loss": eval_loss})
         progress.print(f"step {step}: eval_loss {eval_loss:.4f}")
         return eval_loss
@@ -182,20 +206,27 @@ def _train(loaded: LoadedRecipe, run: RunDir, resume_from: Checkpoint | None, *,
             model.train()
             while step < schedule.total_steps:
                 step += 1
+                faults.crash_point(f"step-{step}")
                 step_started = time.perf_counter()
                 batches = [batch_of(data.train, mb) for mb in micro_batches(step)]
-                n_trained = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
-                n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                               for b in batches)
+                n_trained, n_tokens = distributed.sum_all(
+                    [sum(int((b["targets"] != IGNORE).sum()) for b in batches),
+                     sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                         for b in batches)], d)
                 loss_sum, norms = 0.0, []
-                for b in batches:
-                    loss, _, noise = trainer(**b, generator=noise_generator)
-                    (loss / max(n_trained, 1)).backward()
+                for i, b in enumerate(batches):
+                    with distributed.grad_sync(step_forward, d, last=i == len(batches) - 1):
+                        loss, _, noise = step_forward(**b, generator=noise_generator)
+                        # DDP/FSDP average gradients over the ranks; every trained token of the step weighs the same
+                        (loss * d.world / max(n_trained, 1)).backward()
                     loss_sum = loss_sum + loss.detach()  # a tensor: no device sync per micro-batch
                     if noise is not None:
                         norms.append(noise)
-                step_loss = float(loss_sum) / max(n_trained, 1)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
+                noise_local = torch.cat(norms) if norms else torch.zeros(0)
+                loss_total, noise_total, noise_count = distributed.sum_all(
+                    [float(loss_sum), float(noise_local.sum()), noise_local.numel()], d)
+                step_loss = loss_total / max(n_trained, 1)
+                grad_norm = float(local(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))))
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                     what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {grad_norm}"
                     raise RuntimeFailure(
@@ -209,13 +240,14 @@ def _train(loaded: LoadedRecipe, run: RunDir, resume_from: Checkpoint | None, *,
 
                 now = time.perf_counter()
                 last = {"step": step, "epoch": round(step / schedule.steps_per_epoch, 4),
-                        "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
-                        "trained_tokens": n_trained,
-                        "noise_norm": float(torch.cat(norms).mean()) if norms else 0.0}
+                        "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_tokens),
+                        "trained_tokens": int(n_trained), "noise_norm": noise_total / max(noise_count, 1)}
                 progress.update(step, last, n_tokens / max(now - step_started, 1e-9))
                 if step % t.log_every == 0 or step == schedule.total_steps:
                     record = {**last, "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                               "elapsed_s": now - started}
+                    if d.enabled:
+                        record["tokens_per_s_per_process"] = record["tokens_per_s"] / d.world
                     write_metrics(metrics_file, record)
                     progress.log(format_record(record))
                     window_start, window_tokens = now, 0
@@ -224,17 +256,23 @@ def _train(loaded: LoadedRecipe, run: RunDir, resume_from: Checkpoint | None, *,
                     last["eval_loss"] = run_eval(step)
                 if (t.save_every and step % t.save_every == 0) or step == schedule.total_steps:
                     checkpoint(step)
-                if stop.signum is not None and step < schedule.total_steps:
+                stopping = distributed.sum_all([stop.signum is not None], d)[0]  # any rank's signal stops all
+                if stopping and step < schedule.total_steps:
                     where = checkpoint(step)
-                    code = EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
-                    raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} after step {step}; "
+                    signum = stop.signum or signal.SIGTERM
+                    code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+                    raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {step}; "
                                       f"checkpoint {where}. Resume with: {resume_command}", code)
     except torch.cuda.OutOfMemoryError:
         raise RuntimeFailure(f"CUDA out of memory - {OOM_HINT}") from None
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
 
-    save_final(run, model, hand_on)
+    weights = distributed.full_model_state(model, d)
+    if d.main:
+        save_final(run, model, hand_on, weights)
+    distributed.barrier(d)
     summary = {"steps": step, "elapsed_s": round(time.perf_counter() - started, 1),
                "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"), "final": str(run.final)}
     out.print(f"done: {step} steps in {summary['elapsed_s']}s, final loss {fmt(summary['final_loss'])}, "
@@ -245,27 +283,43 @@ def _train(loaded: LoadedRecipe, run: RunDir, resume_from: Checkpoint | None, *,
     return summary
 
 
-def evaluate(trainer: CausalLMLoss, dataset, batch_of, batch_size: int) -> float:
-    """Mean token loss over the eval set: eval mode (no dropout, no noise), no gradients."""
-    trainer.eval()
+def evaluate(trainer: CausalLMLoss, dataset, batch_of, batch_size: int, d: distributed.Dist = distributed.SINGLE
+             ) -> float:
+    """Mean token loss over the eval set: eval mode (no dropout, no noise), no gradients; ranks share the batches."""
+    trainer.train(False)
     total, count = 0.0, 0
+    starts = distributed.my_share(list(range(0, len(dataset), batch_size)), d)
+    if d.fsdp:  # every rank must run each forward (they gather the shards together): pad the shares
+        starts += [None] * (math.ceil(len(range(0, len(dataset), batch_size)) / d.world) - len(starts))
     with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            indices = list(range(start, min(start + batch_size, len(dataset))))
+        for start in starts:
+            indices = list(range(start or 0, min((start or 0) + batch_size, len(dataset))))
             loss, n, _ = trainer(**batch_of(dataset, indices))
-            total, count = total + loss.item(), count + n
-    trainer.train()
+            if start is not None:
+                total, count = total + loss.item(), count + n
+    trainer.train(True)
+    total, count = distributed.sum_all([total, count], d)
     return total / max(count, 1)
 
 
-def save_final(run: RunDir, model, hand_on: TokenizerFiles) -> None:
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local part of a tensor FSDP shards (a DTensor); the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def save_final(run: RunDir, model, hand_on: TokenizerFiles, weights: dict | None = None) -> None:
     with atomic_dir(run.final) as tmp:
-        save_model(model, tmp)
+        save_model(model, tmp, weights)
         hand_on.write(tmp)
 
 
-def check_resumable(checkpoint: Checkpoint, recipe: Recipe, data: PreparedData, force: bool) -> None:
+def check_resumable(checkpoint: Checkpoint, recipe: Recipe, data: PreparedData, force: bool,
+                    d: distributed.Dist = distributed.SINGLE) -> None:
     meta = checkpoint.meta
+    written_by = meta.get("world_size", 1)
+    if written_by != d.world:  # each process's noise, dropout and data position belong to that process
+        raise UsageError(f"--resume: {checkpoint.folder} was written by {written_by} process(es); resume with the "
+                         f"same number (this run has {d.world})")
     changes = []
     before, now = flatten(meta["recipe"]), flatten(recipe.model_dump(mode="json"))
     for key in sorted(set(before) | set(now)):
@@ -332,7 +386,10 @@ def stop_on_signals():
 
 
 def write_metrics(file, record: dict) -> None:
-    """One strict-JSON line: a non-finite number (which JSON has no word for) is written as null."""
+    """One strict-JSON line: a non-finite number (which JSON has no word for) is written as null. No file: not
+    rank 0."""
+    if file is None:
+        return
     record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     file.write(json.dumps(record, allow_nan=False) + "\n")
     file.flush()

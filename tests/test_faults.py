@@ -396,8 +396,8 @@ def test_disk_full_while_saving_a_checkpoint(cli, work, monkeypatch):
 
     original = checkpoint.save_model
 
-    def full(model, folder):
-        original(model, folder)
+    def full(model, folder, *rest):
+        original(model, folder, *rest)
         if folder.name.startswith(".tmp-step-2"):
             raise OSError(errno.ENOSPC, "No space left on device", str(folder / "adapter_model.safetensors"))
 

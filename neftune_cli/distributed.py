@@ -1,0 +1,214 @@
+"""Everything distributed, in one place: torchrun's process group, DDP / FSDP2 wrapping, each rank's share of a
+step, the step's collectives, rank-0 I/O and full state dicts for checkpoints.
+
+With one process (no torchrun, or ``--nproc_per_node 1``) every function here is the identity or does nothing,
+so the training loop reads as a single-process loop.
+
+The global batch is the recipe's: a step is ``train.grad_accum`` micro-batches of ``train.micro_batch_size``
+examples, whatever the number of processes; each of W processes runs ``grad_accum / W`` of them (the step's
+micro-batches r, r + W, ...). The loss is normalised by the trained tokens of the whole step across ranks, so
+W processes compute the same update as one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from neftune_cli import console
+from neftune_cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    mode: str = "ddp"  # train.distributed
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that logs and writes the run directory."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def fsdp(self) -> bool:
+        return self.enabled and self.mode == "fsdp"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+SINGLE = Dist()
+
+
+def init(mode: str) -> Dist:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); one process when not under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(mode=mode)
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), mode)
+    if not d.main:  # one voice: rank 0 logs; the others print only their own errors (see cli.main)
+        console.out.quiet = console.err.quiet = True
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(d.local_rank)
+        # A long timeout: rank 0 alone tokenizes the data while the others wait at a barrier.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
+    return d
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_batch(grad_accum: int, micro_batch_size: int, d: Dist) -> None:
+    if grad_accum % d.world:
+        raise UsageError(
+            f"train.grad_accum {grad_accum} does not divide among {d.world} processes: a step is {grad_accum} "
+            f"micro-batches of {micro_batch_size} examples in total, and each process runs the same number of them; "
+            f"use a multiple of {d.world} (e.g. {d.world * max(1, round(grad_accum / d.world))})"
+        )
+
+
+def my_share(micro_batches: list, d: Dist) -> list:
+    """This rank's micro-batches of a step (or of the eval set): r, r + W, r + 2W, ..."""
+    return micro_batches[d.rank :: d.world]
+
+
+def sum_all(values: list[float], d: Dist) -> list[float]:
+    """Element-wise sums over the ranks (one small all-reduce); the values themselves with one process."""
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+@contextmanager
+def main_first(d: Dist):
+    """Rank 0 runs the block first (tokenize and cache the data, clean the run dir), then the others."""
+    if not d.main:
+        barrier(d)
+    yield
+    if d.main:
+        barrier(d)
+
+
+def wrap(trainer: nn.Module, d: Dist) -> nn.Module:
+    """DDP, or FSDP2 (``fully_shard`` per decoder layer, then the whole), around the training forward."""
+    if not d.enabled:
+        return trainer
+    if d.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # No buffer sync in forward: rotary caches are the same everywhere, and eval's shares of batches differ in
+        # number between ranks (torch 2.13 renamed the switch)
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+        return DistributedDataParallel(
+            trainer, device_ids=[d.local_rank] if d.device.type == "cuda" else None, **no_sync
+        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if (
+        d.device.type == "cuda") else MixedPrecisionPolicy()
+    for layer in decoder_layers(trainer):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(trainer, mp_policy=policy)
+    return trainer
+
+
+def decoder_layers(trainer: nn.Module) -> list[nn.Module]:
+    layers = getattr(trainer.decoder, "layers", None)
+    if layers is None:
+        raise UsageError("train.distributed: fsdp needs a decoder with a `layers` list (Llama, Mistral, Qwen...); "
+                         "use train.distributed: ddp")
+    return list(layers)
+
+
+def grad_sync(module: nn.Module, d: Dist, last: bool):
+    """Gradients are reduced across ranks once per step, on its last micro-batch, not on every one."""
+    if not d.enabled or last:
+        if d.fsdp:
+            module.set_requires_gradient_sync(True)
+        return nullcontext()
+    if d.fsdp:
+        module.set_requires_gradient_sync(False)
+        return nullcontext()
+    return module.no_sync()
+
+
+def gather_object(obj, d: Dist) -> list:
+    """Every rank's `obj`, in rank order, on rank 0 (others get [])."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world if d.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def scatter_object(objs: list | None, d: Dist):
+    """Rank r gets objs[r] (objs given on rank 0)."""
+    if not d.enabled:
+        return objs[0]
+    out = [None]
+    dist.scatter_object_list(out, objs if d.main else None, src=0)
+    return out[0]
+
+
+def full_model_state(model: nn.Module, d: Dist) -> dict | None:
+    """The unsharded weights (on rank 0, on the CPU) when FSDP holds them in shards; None otherwise (the model's
+    own state dict is whole). Every rank must call it."""
+    if not d.fsdp:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model: nn.Module, optimizer, d: Dist) -> dict:
+    """The optimizer state to save: whole on rank 0 even when FSDP shards it. Every rank must call it."""
+    if not d.fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict, d: Dist) -> None:
+    if not d.fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Did a collective fail because another process died? That process prints the cause; repeating its
+    consequence on every other rank would bury it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    return isinstance(error, getattr(dist, "DistError", ())) or any(
+        hint in str(error) for hint in ("Connection closed by peer", "remote worker", "Connection reset by peer")
+    )
