@@ -80,6 +80,9 @@ def test_eval_on_a_data_file_uses_the_runs_template(run, cli):
     assert loss["eval_loss"] == pytest.approx(logged_evals(run)[6], abs=1e-6)  # the same 10 examples
     assert loss["examples"] == 10 and loss["trained_tokens"] > 0
     assert loss["perplexity"] == pytest.approx(2.718281828 ** loss["eval_loss"], rel=1e-6)
+    # a recipe: its eval split (here the run's own recipe, so the same examples again)
+    assert heldout_loss(resolve(str(run)), run.parent / "r.yaml")["eval_loss"] == pytest.approx(loss["eval_loss"],
+                                                                                                abs=1e-6)
 
 
 def test_eval_needs_data_for_a_plain_model(cli, tiny_model_dir):
