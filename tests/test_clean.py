@@ -224,16 +224,18 @@ def test_rouge_l_equals_rouge_score_including_ties():
         assert rouge_l(a, b) == scorer.score(a, b)["rougeL"].fmeasure, (a, b)
 
 
-@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.9])
-def test_candidate_search_equals_exhaustive_rouge_l(threshold):
-    # variants of a few templates: many near-duplicates at every threshold, of every length
+@pytest.mark.parametrize(("threshold", "shortest", "longest", "count"),
+                         [(0.5, 2, 14, 400), (0.7, 2, 14, 400), (0.9, 2, 14, 400), (0.7, 20, 70, 120)])
+def test_candidate_search_equals_exhaustive_rouge_l(threshold, shortest, longest, count):
+    # variants of a few templates: many near-duplicates at every threshold, of every length (over 20 tokens,
+    # partner lengths share index buckets)
     rng = random.Random(threshold)
     words = "write describe list explain the a of story poem about cat dog sea city five three short long".split()
-    bases = [rng.choices(words, k=rng.randint(2, 14)) for _ in range(40)]
+    bases = [rng.choices(words, k=rng.randint(shortest, longest)) for _ in range(count // 10)]
     texts = []
-    for _ in range(400):
+    for _ in range(count):
         seq = list(rng.choice(bases))
-        for _ in range(rng.randint(0, 4)):
+        for _ in range(rng.randint(0, 4 * longest // 14)):
             op = rng.random()
             if op < 0.4 and seq:
                 seq[rng.randrange(len(seq))] = rng.choice(words)
@@ -244,7 +246,7 @@ def test_candidate_search_equals_exhaustive_rouge_l(threshold):
         texts.append(" ".join(seq) if rng.random() > 0.05 else None)  # None: removed by another filter
     fast = near_duplicates(texts, threshold)
     assert fast == exhaustive_near_duplicates(texts, threshold)
-    assert len(fast) > 50
+    assert len(fast) > count // 8
 
 
 def test_candidate_search_equals_exhaustive_on_alpaca(shared_data):

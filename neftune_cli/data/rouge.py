@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -33,6 +34,9 @@ import numpy as np
 
 _NON_ALPHANUM = re.compile(r"[^a-z0-9]+")
 SHARED = 3  # K above: prefix elements a candidate must share
+# Partner lengths within 5% of each other share an index key, so a long text probes O(log) keys, not one per
+# length; every length up to 20 still has its own.
+LENGTH_BUCKET = math.log(1.05)
 PROBE_BLOCK = 4096  # records probing at a time: bounds the join's memory (pairs of one block)
 EPS = 1e-9  # bounds are rounded down by this much, so float error can only add candidates
 
@@ -155,17 +159,21 @@ def _candidate_pairs(ids: list[list[int]], ranked: list[list[int]], t: float,
     """Per record i, the earlier records j (ascending) that may reach ROUGE-L F >= t with i: a superset of the
     true pairs.
 
-    Every record is indexed under (element, its length) for its short prefix; every record probes, for each
-    shorter-or-equal partner length n that F >= t allows, the entries of length n with its prefix for that
-    (m, n). The join and the counting run in numpy, a block of probing records at a time to bound memory.
+    Every record is indexed under (element, its length's bucket) for its short prefix; every record probes, for
+    each bucket of the shorter-or-equal partner lengths n that F >= t allows, that bucket's entries with its
+    prefix for the bucket's shortest n (the longest prefix any n in it needs). The join and the counting run in
+    numpy, a block of probing records at a time to bound memory.
     """
     size = len(ids)
     top = max(map(len, ids), default=0) + 1
+    bucket = [0] + [int(math.log(n) / LENGTH_BUCKET) for n in range(1, top)]
+    starts = [n for n in range(2, top) if bucket[n] != bucket[n - 1]]  # the shortest length of each bucket
+    buckets = bucket[-1] + 1
     index_keys, index_rows = [], []
     for i, elements in enumerate(ranked):
         m = len(elements)
         for element in elements[: m - math.ceil(t * m - EPS) + SHARED]:
-            index_keys.append(element * top + m)
+            index_keys.append(element * buckets + bucket[m])
             index_rows.append(i)
     keys = np.asarray(index_keys, np.int64)
     order = np.argsort(keys, kind="stable")
@@ -179,16 +187,19 @@ def _candidate_pairs(ids: list[list[int]], ranked: list[list[int]], t: float,
         for i in range(block, min(block + PROBE_BLOCK, size)):
             elements = ranked[i]
             m = len(elements)
-            for n in range(max(1, math.ceil(t * m / (2 - t) - EPS)), m + 1):
+            shortest = max(1, math.ceil(t * m / (2 - t) - EPS))
+            for n in [shortest, *starts[bisect_right(starts, shortest):bisect_right(starts, m)]]:
                 overlap = math.ceil(t * (m + n) / 2 - EPS)  # o(m, n): the least overlap F >= t allows
                 for element in elements[: m - overlap + SHARED]:
-                    probe_keys.append(element * top + n)
+                    probe_keys.append(element * buckets + bucket[n])
                     probe_rows.append(i)
         codes, shared = np.unique(_join(keys, rows, np.asarray(probe_keys, np.int64),
                                         np.asarray(probe_rows, np.int64), size), return_counts=True)
         a, b = codes // size, codes % size  # a probed with the longer (or equal) text, b was indexed
         need = np.minimum(SHARED, np.ceil(t * (lengths[a] + lengths[b]) / 2 - EPS))
-        keep = (shared >= need) & (a != b)
+        # a bucket also holds longer partners (found from their side) and ones outside the band: not candidates
+        in_band = (lengths[b] <= lengths[a]) & (lengths[b] >= t * lengths[a] / (2 - t) - EPS)
+        keep = (shared >= need) & (a != b) & in_band
         later_parts.append(np.maximum(a[keep], b[keep]))
         earlier_parts.append(np.minimum(a[keep], b[keep]))
     if progress is not None:
