@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 _NON_ALPHANUM = re.compile(r"[^a-z0-9]+")
-SHARED = 3  # K above: prefix elements a candidate must share
+SHARED = 2  # K above: prefix elements a candidate must share
 # Partner lengths within 5% of each other share an index key, so a long text probes O(log) keys, not one per
 # length; every length up to 20 still has its own.
 LENGTH_BUCKET = math.log(1.05)
