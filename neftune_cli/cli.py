@@ -23,6 +23,7 @@ from neftune_cli import __version__
 from neftune_cli.console import err, log, out, stdout_is_tty
 from neftune_cli.data.cli import app as data_app
 from neftune_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, first_line
+from neftune_cli.quantization import require_bitsandbytes
 from neftune_cli.recipe import load_recipe
 
 app = typer.Typer(
@@ -82,6 +83,16 @@ def validate(
             out.print(f"({source})", style=style, markup=False)
         else:
             out.print(line + f"({source})", markup=False)
+    if loaded.recipe.lora_or_none is not None:  # why one would choose QLoRA, before renting the GPU
+        from neftune_cli.memory import summary
+
+        for line in summary(loaded.recipe.model, loaded.recipe.lora):
+            out.print(line, markup=False)
+    if loaded.recipe.model.quantization:
+        try:
+            require_bitsandbytes(f"model.quantization: {loaded.recipe.model.quantization}")
+        except NeftuneError as e:
+            log(f"warning: {e}")
     out.print(f"ok: {recipe} is valid", markup=False)
 
 
@@ -111,6 +122,8 @@ def train(
     if nproc is not None and "WORLD_SIZE" not in os.environ:
         _run_torchrun(nproc)
     loaded = load_recipe(recipe, set_)
+    if loaded.recipe.model.quantization:  # before the data step, not after it
+        require_bitsandbytes(f"model.quantization: {loaded.recipe.model.quantization}")
     again = ["neftune", "train", str(recipe), *[f"--set {shlex.quote(s)}" for s in set_ or []], "--resume"]
     run_training(loaded, resume=resume, overwrite=overwrite, force=force, resume_command=" ".join(again))
 

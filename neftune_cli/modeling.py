@@ -6,6 +6,7 @@ import torch
 
 from neftune_cli import builtin
 from neftune_cli.errors import UsageError
+from neftune_cli.quantization import bnb_config, keep_cpu_layout
 from neftune_cli.recipe import ModelSection, Recipe
 
 
@@ -60,14 +61,23 @@ def load_base_model(spec: ModelSection, device: torch.device):
         raise UsageError(f"model.name_or_path: cannot load {path}: {str(e).splitlines()[0]}") from None
     if spec.rope_scaling is not None:
         apply_rope_scaling(config, spec.rope_scaling.as_config())
-    return AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=resolve_dtype(spec.dtype, device),
-        attn_implementation=spec.attn_implementation, trust_remote_code=spec.trust_remote_code,
-    ).to(device)
+    dtype = resolve_dtype(spec.dtype, device)
+    # A 4-bit base is quantized as it loads onto its device (device_map); it cannot be moved afterwards.
+    placement = {"quantization_config": bnb_config(spec, dtype), "device_map": {"": str(device)}} \
+        if spec.quantization else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, attn_implementation=spec.attn_implementation,
+        trust_remote_code=spec.trust_remote_code, **placement,
+    )
+    if not spec.quantization:
+        return model.to(device)
+    keep_cpu_layout(model)
+    return model
 
 
 def load_model(recipe: Recipe, device: torch.device):
-    """The model to train: the base in the recipe's dtype, wrapped with LoRA unless finetune is full."""
+    """The model to train: the base in the recipe's dtype (4-bit linear layers under model.quantization), wrapped
+    with LoRA unless finetune is full."""
     model = load_base_model(recipe.model, device)
     if recipe.train.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (our inputs_embeds carry no grad under LoRA).

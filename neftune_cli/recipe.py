@@ -73,6 +73,15 @@ class ModelSection(Section):
         description="RoPE scaling for the model config, e.g. {type: linear, factor: 2}; type is one of "
         + ", ".join(ROPE_TYPES) + ".",
     )
+    quantization: Literal["nf4", "fp4"] | None = Field(
+        None,
+        description="QLoRA: load the frozen base in 4 bits (bitsandbytes, `pip install neftune-cli[qlora]`) and "
+        "train LoRA on top, computing in model.dtype; nf4 is the QLoRA paper's. LoRA only. null: no quantization.",
+    )
+    double_quant: bool = Field(
+        True, description="With quantization: quantize the 4-bit blocks' scales too (about 0.37 bits/parameter less)."
+    )
+
 
 
 class SourceSection(Section):
@@ -255,6 +264,12 @@ class Recipe(Section):
             raise ValueError("finetune is full but a lora section is given; remove it or set lora: null")
         if self.finetune == "lora" and self.lora is None:
             raise ValueError("lora is null; set finetune: full for full fine-tuning")
+        if self.model.quantization and self.finetune == "full":
+            raise ValueError(f"model.quantization: {self.model.quantization} freezes the base in 4 bits, which full "
+                             "fine-tuning cannot train; set finetune: lora (QLoRA) or model.quantization: null")
+        if self.model.quantization and self.train.distributed == "fsdp":
+            raise ValueError("model.quantization with train.distributed: fsdp is not supported (FSDP cannot shard the "
+                             "4-bit weights); set train.distributed: ddp")
         return self
 
     @property

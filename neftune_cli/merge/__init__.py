@@ -12,8 +12,10 @@ The base is streamed one tensor at a time and never loaded as a model:
   adapter, whatever ``max_shard_size`` is.
 
 Then (unless ``verify=False``) the merged model is loaded with plain transformers and compared with the base plus the
-adapter loaded through peft on a fixed probe batch. Everything is written to a temporary folder beside ``out`` and
-renamed into place only when complete and verified, so a failure never leaves partial output.
+adapter loaded through peft on a fixed probe batch. A QLoRA adapter (trained on a 4-bit base) is merged and verified
+the same way, into the full-precision base, and the logit gap to the 4-bit model it was trained on is reported.
+Everything is written to a temporary folder beside ``out`` and renamed into place only when complete and verified, so a
+failure never leaves partial output.
 
 Adapter coverage: vanilla LoRA on Linear / Conv1D (``fan_in_fan_out``) / Embedding layers, rsLoRA,
 ``rank_pattern`` / ``alpha_pattern``, DoRA (merged exactly like peft, Linear and Embedding), ``lora_bias``,
@@ -23,7 +25,8 @@ Variants that cannot be expressed as a merged weight (aLoRA, target_parameters, 
 
 Modules: ``adapter`` (find and read the adapter), ``base`` (resolve the base, read its shard headers), ``plan`` (map
 adapter tensors onto base tensors, lay out the output), ``write`` (output checks, the merge arithmetic, the shards and
-side files), ``verify`` (merged model against base + adapter), ``common`` (file names, dtypes, formatting).
+side files), ``verify`` (merged model against base + adapter), ``quantized`` (QLoRA adapters: the gap to the 4-bit
+model), ``common`` (file names, dtypes, formatting).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from neftune_cli.merge.adapter import _read_adapter, _resolve_adapter_dir
 from neftune_cli.merge.base import _BaseCheckpoint, _resolve_base, _same_base
 from neftune_cli.merge.common import ADAPTER_CONFIG, _fmt_bytes, _parse_dtype
 from neftune_cli.merge.plan import _Plan, _plan
+from neftune_cli.merge.quantized import quantization_gap, trained_quantization
 from neftune_cli.merge.verify import _check_device, _verify
 from neftune_cli.merge.write import (
     _check_disk_space,
@@ -195,7 +199,9 @@ def _merge(
             _write_model(plan, base_model, tmp, log, out)
             _write_side_files(plan, base_model, adapter_dir, adapter.expanduser().absolute(), tmp)
             if verify:
-                diff = _verify(base_dir, adapter_dir, tmp, device, plan, log)
+                diff, merged_logits = _verify(base_dir, adapter_dir, tmp, device, plan, log)
+                if (quantized := trained_quantization(adapter_dir)) is not None:
+                    log(quantization_gap(quantized, base_dir, adapter_dir, merged_logits, device))
             _release(tmp)
     except OSError as e:  # a full disk or a read-only folder was named by atomic_dir already
         raise RuntimeFailure(f"writing {out} failed: {e.strerror or e} ({e.filename or out})") from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,11 +44,11 @@ def _probe_ids(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, _PROBE_SHAPE, generator=g)
 
 
-def _verify(base_dir: Path, adapter_dir: Path, merged_dir: Path, device: str, plan: _Plan, log) -> float:
-    """Max |logit diff| between base+adapter (peft, fp32) and the merged model (fp32) on a fixed probe batch."""
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No transformers/peft warnings or progress bars while loading the models we compare."""
     import warnings
 
-    import transformers
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -56,43 +58,53 @@ def _verify(base_dir: Path, adapter_dir: Path, merged_dir: Path, device: str, pl
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                from peft import PeftModel
-
-                model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-                if plan.new_vocab is not None:
-                    model.resize_token_embeddings(plan.new_vocab, mean_resizing=False)
-                model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-                model.to(device).eval()
-                vocab = model.get_input_embeddings().weight.shape[0]
-                ids = _probe_ids(vocab).to(device)
-                with torch.no_grad():
-                    ref = model(input_ids=ids).logits.float().cpu()
-            except Exception as e:  # noqa: BLE001
-                raise RuntimeFailure(
-                    f"verification could not run base+adapter with peft ({type(e).__name__}: {first_line(e)}); "
-                    "use --no-verify to skip verification"
-                ) from None
-            finally:
-                model = None
-                gc.collect()
-            try:
-                merged = transformers.AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
-                merged.to(device).eval()
-                with torch.no_grad():
-                    got = merged(input_ids=ids).logits.float().cpu()
-            except Exception as e:  # noqa: BLE001
-                raise RuntimeFailure(
-                    f"verification failed: the merged model does not load or run with transformers "
-                    f"({type(e).__name__}: {first_line(e)})"
-                ) from None
-            finally:
-                merged = None
-                gc.collect()
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def _verify(base_dir: Path, adapter_dir: Path, merged_dir: Path, device: str, plan: _Plan, log
+            ) -> tuple[float, torch.Tensor]:
+    """Max |logit diff| between base+adapter (peft, fp32) and the merged model (fp32) on a fixed probe batch, and
+    the merged model's logits there."""
+    import transformers
+
+    with _quiet():
+        try:
+            from peft import PeftModel
+
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+            if plan.new_vocab is not None:
+                model.resize_token_embeddings(plan.new_vocab, mean_resizing=False)
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+            model.to(device).eval()
+            vocab = model.get_input_embeddings().weight.shape[0]
+            ids = _probe_ids(vocab).to(device)
+            with torch.no_grad():
+                ref = model(input_ids=ids).logits.float().cpu()
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeFailure(
+                f"verification could not run base+adapter with peft ({type(e).__name__}: {first_line(e)}); "
+                "use --no-verify to skip verification"
+            ) from None
+        finally:
+            model = None
+            gc.collect()
+        try:
+            merged = transformers.AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+            merged.to(device).eval()
+            with torch.no_grad():
+                got = merged(input_ids=ids).logits.float().cpu()
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeFailure(
+                f"verification failed: the merged model does not load or run with transformers "
+                f"({type(e).__name__}: {first_line(e)})"
+            ) from None
+        finally:
+            merged = None
+            gc.collect()
     if not torch.isfinite(ref).all():
         raise RuntimeFailure("verification failed: base+adapter gives NaN/inf logits; the adapter is broken")
     if got.shape != ref.shape or not torch.isfinite(got).all():
@@ -106,4 +118,4 @@ def _verify(base_dir: Path, adapter_dir: Path, merged_dir: Path, device: str, pl
             f"(tolerance {tol:.3g} for {plan.dtype_name} output); nothing was written"
         )
     log(f"verify: max |logit diff| = {diff:.3g} (tolerance {tol:.3g} for {plan.dtype_name}) on {device}")
-    return diff
+    return diff, got
