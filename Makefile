@@ -8,7 +8,7 @@ TF4 ?= transformers==4.57.*
 # Set TORCH to pick a build before installing, e.g. `make install TORCH=torch==2.13.0` (CPU wheel on our CI).
 TORCH ?=
 
-.PHONY: install test test-tf4 demo lint bench clean
+.PHONY: install test test-tf4 demo lint bench bench-gpu clean
 # `make demo` answers the held-out demo prompts before and after fine-tuning with these settings.
 DEMO_GENERATE := --prompts recipes/data/demo_eval.jsonl --format jsonl --repetition-penalty 1 \
 	--max-new-tokens 32 --batch-size 50
@@ -46,6 +46,10 @@ bench: install
 	$(BIN)/python benchmarks/merge.py
 	$(BIN)/python benchmarks/generate.py --threads 1
 	$(BIN)/python benchmarks/train.py
+
+# On a GPU box: ours vs TRL on Llama-2-7B and Llama-3-8B shapes (see the script for carrying wheels to a bare image).
+bench-gpu:
+	bash benchmarks/gpu.sh
 
 clean:
 	rm -rf runs merged .pytest_cache

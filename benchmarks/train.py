@@ -3,6 +3,7 @@
     python benchmarks/train.py                       # stories260K + Alpaca (../shared/data), CPU
     python benchmarks/train.py --model builtin:tiny-llama --data recipes/data/demo.jsonl --repeats 2 --threads 1
     python benchmarks/train.py --model llama2-7b-random --data recipes/data/demo.jsonl --json out.json   # a GPU
+    bash benchmarks/gpu.sh                           # the whole GPU comparison (7B and 8B shapes), one command
 
 Each system runs in its own fresh subprocess, so its peak memory is its own (VmHWM on CPU, libraries included;
 torch.cuda.max_memory_allocated on CUDA). All get the same model, the first --examples Alpaca records (Alpaca
@@ -71,7 +72,8 @@ def child_ours(c: dict) -> dict:
         "neftune": {"alpha": c["alpha"], "scale": "paper"},
         "train": {"max_steps": c["warmup"] + c["steps"], "micro_batch_size": c["micro_batch"],
                   "grad_accum": c["grad_accum"], "lr": c["lr"], "schedule": "constant", "warmup_ratio": 0.0,
-                  "batching": c["batching"], "log_every": 1, "seed": 0},
+                  "batching": c["batching"], "log_every": 1, "seed": 0,
+                  **({"pack_tokens": c["pack_tokens"]} if c["batching"] == "pack" and c["pack_tokens"] else {})},
         "output": {"dir": str(run_dir)},
     }
     path = Path(c["workdir"]) / "recipe.yaml"
@@ -83,7 +85,8 @@ def child_ours(c: dict) -> dict:
         total += r["tokens"]
         marks.append((r["step"], r["elapsed_s"], total))
     losses = [r["loss"] for r in records if r["step"] > c["warmup"]]
-    return {**rate(marks, c["warmup"]), "mean_loss": sum(losses) / len(losses)}
+    result = {**rate(marks, c["warmup"]), "mean_loss": sum(losses) / len(losses)}
+    return {**result, **mfu(result["tokens_per_s"], c["flops_per_token"])}
 
 
 def child_trl(c: dict) -> dict:
@@ -147,17 +150,39 @@ def child_trl(c: dict) -> dict:
                        processing_class=tokenizer, peft_config=lora, callbacks=[Clock()])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] > c["warmup"]]
-    return {**rate(marks, c["warmup"]), "mean_loss": sum(losses) / len(losses)}
+    result = {**rate(marks, c["warmup"]), "mean_loss": sum(losses) / len(losses)}
+    return {**result, **mfu(result["tokens_per_s"], c["flops_per_token"])}
 
 
-def build_llama2_7b(folder: Path) -> str:
-    """Random weights in Llama-2-7B's shape, saved in bf16 (real weights are not available here)."""
+def mfu(tokens_per_s: float, flops_per_token: float) -> dict:
+    """MFU on a GPU whose peak neftune_cli.flops knows; nothing elsewhere."""
+    import torch
+
+    from neftune_cli.flops import peak_flops
+
+    peak = peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None
+    return {"mfu": tokens_per_s * flops_per_token / peak} if peak else {}
+
+
+# Real shapes with random weights (no download): right for speed and memory. tiny-random is for trying the
+# whole benchmark on a CPU.
+SHAPES = {
+    "llama2-7b-random": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                         "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096},
+    "llama3-8b-random": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                         "max_position_embeddings": 8192, "rope_theta": 500000.0},
+    "tiny-random": {"vocab_size": 32000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024},
+}
+
+
+def build_random(shape: str, folder: Path) -> str:
+    """Random weights in a real model's shape, saved in bf16, with a tokenizer whose ids fit its vocabulary."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                         rms_norm_eps=1e-5, tie_word_embeddings=False)
+    config = LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, tie_word_embeddings=False)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init on the GPU: much faster
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
@@ -190,7 +215,8 @@ def run_child(cfg: dict, workdir: Path, env: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(SHARED / "models" / "stories260K"),
-                    help="local HF folder, builtin:tiny-llama, or llama2-7b-random (built in a temp dir, for GPUs)")
+                    help=f"local HF folder, builtin:tiny-llama, or a random model of a real shape built in a temp dir: "
+                    f"{', '.join(SHAPES)}")
     ap.add_argument("--data", default=str(SHARED / "alpaca" / "alpaca_data_first2k.json"), help=".json or .jsonl")
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=8)
@@ -199,6 +225,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps before them")
     ap.add_argument("--batching", choices=["pack", "pad", "both"], default="both", help="ours; TRL runs both")
+    ap.add_argument("--pack-tokens", type=int, default=0,
+                    help="ours pack: fill each micro-batch to this many tokens (train.pack_tokens) instead of "
+                    "--micro-batch examples")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=5.0, help="NEFTune noise alpha")
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -228,9 +257,9 @@ def main() -> None:
         env["CUDA_VISIBLE_DEVICES"] = ""  # both systems take the GPU whenever they see one
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
-        if args.model == "llama2-7b-random":
-            print(f"building a random Llama-2-7B-shaped model in {tmp} ...", flush=True)
-            model = build_llama2_7b(tmp / "llama2-7b-random")
+        if args.model in SHAPES:
+            print(f"building a random {args.model} model in {tmp} ...", flush=True)
+            model = build_random(args.model, tmp / args.model)
         elif args.model.startswith("builtin:"):
             from neftune_cli.builtin import resolve
 
@@ -240,8 +269,10 @@ def main() -> None:
         limit = json.loads((Path(model) / "config.json").read_text())["max_position_embeddings"]
         if args.max_seq_len > limit:
             ap.error(f"--max-seq-len {args.max_seq_len} is over the model's {limit}")
-        common = {"model": model, "data": str(Path(args.data).resolve()), **{k: getattr(args, k) for k in (
-            "examples", "micro_batch", "grad_accum", "max_seq_len", "steps", "warmup", "lora_r", "alpha", "lr")}}
+        common = {"model": model, "data": str(Path(args.data).resolve()),
+                  "flops_per_token": training_flops(model, args.lora_r, mean_length(args, model)),
+                  **{k: getattr(args, k) for k in ("examples", "micro_batch", "grad_accum", "max_seq_len", "steps",
+                                                   "warmup", "lora_r", "alpha", "lr", "pack_tokens")}}
         runs = [(s, b) for s, b in RUNS if s == "trl" or args.batching in (b, "both")]
         load = [os.getloadavg()[0]]
         results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
@@ -260,21 +291,24 @@ def main() -> None:
     def ratio(a: dict, b: dict, key: str) -> str:
         return f"{a[key] / b[key]:.2f}x" if key in a and key in b else "n/a"
 
-    table = [["system", "batching", "tok/step", "tokens/s", "each run", "median-step tok/s", "peak mem", "loss",
+    table = [["system", "batching", "tok/step", "tokens/s", "MFU", "each run", "median-step tok/s", "peak mem", "loss",
               "ours/TRL tok/s", "ours/TRL mem", "ours/TRL-pad tok/s"]]
     for (system, batching), r in best.items():
         if "error" in r:
-            table.append([system, batching, "failed: " + r["error"][:80]] + [""] * 8)
+            table.append([system, batching, "failed: " + r["error"][:80]] + [""] * 9)
             continue
         peer = best[PEER[batching]] if system == "ours" else None
         table.append([system, batching, f"{r['tokens'] / r['timed_steps']:.0f}", f"{r['tokens_per_s']:.0f}",
+                      f"{r['mfu']:.1%}" if "mfu" in r else "n/a",
                       "/".join(f"{x['tokens_per_s']:.0f}" for x in ok[(system, batching)]),
                       "/".join(f"{x['tokens_per_s_median_step']:.0f}" for x in ok[(system, batching)]),
                       f"{r['peak_memory_bytes'] / 2**20:.0f} MiB", f"{r['mean_loss']:.3f}",
                       *([ratio(r, peer, "tokens_per_s"), ratio(r, peer, "peak_memory_bytes"),
                          ratio(r, best[("trl", "pad")], "tokens_per_s")] if peer else ["", "", ""])])
     some = next((r for r in best.values() if "error" not in r), {})
-    print(f"\n{Path(model).name}, {args.examples} examples, micro-batch {args.micro_batch} x {args.grad_accum}, "
+    budget = f" (ours pack: {args.pack_tokens} tokens)" if args.pack_tokens else ""
+    print(f"\n{Path(model).name}, {args.examples} examples, micro-batch {args.micro_batch}{budget} x "
+          f"{args.grad_accum}, "
           f"max_seq_len {args.max_seq_len}, LoRA r {args.lora_r} all-linear, NEFTune alpha {args.alpha}, "
           f"{args.steps} timed steps after {args.warmup}, best of {args.repeats}; load average {load[0]:.2f} before, "
           f"{load[1]:.2f} after ({os.cpu_count()} CPUs, {some.get('torch_threads', '?')} torch threads per system)")
@@ -290,6 +324,36 @@ def main() -> None:
             "args": vars(args), "model_path": model, "load_average": load,
             "runs": [{"system": s, "batching": b, "repeat": i, **r}
                      for (s, b), rs in results.items() for i, r in enumerate(rs)]}, indent=2))
+
+
+def training_flops(model: str, lora_r: int, length: float) -> float:
+    """FLOPs per token of LoRA training on `model` (neftune_cli.flops), from a weightless copy: the same number
+    for every system."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from neftune_cli.flops import flops_per_token
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    lora = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear"))
+    return flops_per_token(lora, length)
+
+
+def mean_length(args, model: str) -> float:
+    """Mean tokens per example (Alpaca prompt + output + EOS, cut at --max-seq-len): the attention term of MFU."""
+    from transformers import AutoTokenizer
+
+    from neftune_cli.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    text = Path(args.data).read_text()
+    records = json.loads(text) if args.data.endswith(".json") else [json.loads(x) for x in text.splitlines() if x]
+    texts = [(ALPACA_PROMPT_INPUT if r.get("input") else ALPACA_PROMPT_NO_INPUT).format(**r) + r["output"]
+             for r in records[:args.examples]]
+    lengths = [min(len(ids) + 1, args.max_seq_len) for ids in tokenizer(texts)["input_ids"]]
+    return sum(lengths) / len(lengths)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ trains one example to predict the next example's first token.
 
 from __future__ import annotations
 
+import functools
+import math
 import random
 from collections.abc import Sequence
 
@@ -17,15 +19,19 @@ IGNORE = -100
 
 
 def plan_epoch(lengths: Sequence[int], micro_batch_size: int, *, seed: int, epoch: int,
-               group_by_length: bool) -> list[list[int]]:
+               group_by_length: bool, token_budget: int | None = None) -> list[list[int]]:
     """Example indices for each micro-batch of one epoch (the last one may be short).
 
     group_by_length: sort within mega-batches of 64 micro-batches so padded batches hold similar lengths
     (HF's LengthGroupedSampler idea), then shuffle the micro-batch order so lengths don't trend over the epoch.
+    token_budget: instead of micro_batch_size examples, as many examples (in the shuffled order) as fit in this
+    many tokens, so every packed forward is about the same size whatever the example lengths.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    if token_budget is not None:
+        return _fill(order, lengths, token_budget)
     if group_by_length:
         mega = micro_batch_size * 64
         order = [i for s in range(0, len(order), mega)
@@ -34,6 +40,57 @@ def plan_epoch(lengths: Sequence[int], micro_batch_size: int, *, seed: int, epoc
     if group_by_length:
         rng.shuffle(batches)
     return batches
+
+
+def _fill(order: list[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Greedy, in order: a micro-batch takes examples until the next would pass the budget."""
+    batches, current, used = [], [], 0
+    for i in order:
+        if current and used + lengths[i] > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    return batches + [current] if current else batches
+
+
+class StepPlan:
+    """Which micro-batches each optimizer step trains on, for any step of the run: each epoch's seeded plan cut
+    into steps of `grad_accum` micro-batches (the epoch's last step may have fewer). It depends only on the
+    lengths and the settings, so a resumed run and every rank of a distributed one compute the same.
+    """
+
+    def __init__(self, lengths: Sequence[int], *, micro_batch_size: int, grad_accum: int, seed: int,
+                 group_by_length: bool, token_budget: int | None):
+        self.grad_accum = grad_accum
+        self._plan = functools.lru_cache(maxsize=1)(lambda epoch: plan_epoch(
+            lengths, micro_batch_size, seed=seed, epoch=epoch, group_by_length=group_by_length,
+            token_budget=token_budget))
+        self._steps: dict[int, int] = {}
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        if epoch not in self._steps:  # a token budget makes the count differ between epochs
+            self._steps[epoch] = math.ceil(len(self._plan(epoch)) / self.grad_accum)
+        return self._steps[epoch]
+
+    def total_steps(self, epochs: int) -> int:
+        return sum(self.steps_in_epoch(e) for e in range(epochs))
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, step within it), both from 0, of optimizer step `step` (from 1)."""
+        epoch, k = 0, step - 1
+        while k >= self.steps_in_epoch(epoch):
+            k -= self.steps_in_epoch(epoch)
+            epoch += 1
+        return epoch, k
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        epoch, k = self.locate(step)
+        return self._plan(epoch)[k * self.grad_accum:(k + 1) * self.grad_accum]
+
+    def epochs_done(self, step: int) -> float:
+        epoch, k = self.locate(step)
+        return epoch + (k + 1) / self.steps_in_epoch(epoch)
 
 
 def _shifted(labels: Sequence[int]) -> list[int]:

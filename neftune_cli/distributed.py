@@ -84,9 +84,14 @@ def check_batch(grad_accum: int, micro_batch_size: int, d: Dist) -> None:
         )
 
 
-def my_share(micro_batches: list, d: Dist) -> list:
-    """This rank's micro-batches of a step (or of the eval set): r, r + W, r + 2W, ..."""
-    return micro_batches[d.rank :: d.world]
+def my_share(items: list, d: Dist, pad: bool = False) -> list:
+    """This rank's micro-batches of a step (or batches of the eval set): r, r + W, r + 2W, ...
+
+    pad: None fills the shares that come up short (an epoch's last step), so every rank runs as many forwards
+    and backwards as the others: gradient reduction and FSDP's gathers need every rank, every time.
+    """
+    share = items[d.rank :: d.world]
+    return share + [None] * (-(-len(items) // d.world) - len(share)) if pad else share
 
 
 def sum_all(values: list[float], d: Dist) -> list[float]:

@@ -83,7 +83,6 @@ class ModelSection(Section):
     )
 
 
-
 class SourceSection(Section):
     # The record fields that `fields` can rename: the names neftune_cli.data.formats reads.
     FIELD_NAMES: ClassVar[tuple[str, ...]] = (
@@ -230,6 +229,13 @@ class TrainSection(Section):
         description="pack: each micro-batch is one padding-free row (attention does not cross examples); "
         "pad: pad to the longest, length-grouped.",
     )
+    pack_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="batching: pack only. Fill each packed micro-batch with examples up to this many tokens "
+        "(micro_batch_size is then not used), so every forward is about the same size whatever the example "
+        "lengths: steadier memory and a full GPU. E.g. 8192 or 16384 on a GPU.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
@@ -270,6 +276,16 @@ class Recipe(Section):
         if self.model.quantization and self.train.distributed == "fsdp":
             raise ValueError("model.quantization with train.distributed: fsdp is not supported (FSDP cannot shard the "
                              "4-bit weights); set train.distributed: ddp")
+        return self
+
+    @model_validator(mode="after")
+    def _pack_tokens(self) -> Recipe:
+        budget = self.train.pack_tokens
+        if budget is not None and self.train.batching != "pack":
+            raise ValueError("train.pack_tokens fills packed micro-batches; set train.batching: pack or remove it")
+        if budget is not None and budget < self.data.max_seq_len:
+            raise ValueError(f"train.pack_tokens {budget} is below data.max_seq_len {self.data.max_seq_len}: the "
+                             "longest example must fit in one micro-batch")
         return self
 
     @property

@@ -7,7 +7,6 @@ whatever the batching (a mean of per-micro-batch means would overweight short mi
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import random
@@ -21,7 +20,7 @@ import torch
 
 from neftune_cli import __version__, distributed, faults
 from neftune_cli.atomic import atomic_dir, atomic_file
-from neftune_cli.batching import IGNORE, batch_builder, plan_epoch
+from neftune_cli.batching import IGNORE, StepPlan, batch_builder
 from neftune_cli.checkpoint import (
     Checkpoint,
     RunDir,
@@ -33,6 +32,7 @@ from neftune_cli.checkpoint import (
 from neftune_cli.console import log, out, stdout_is_tty
 from neftune_cli.data import PreparedData, prepare
 from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, OOM_HINT, Interrupted, RuntimeFailure, UsageError
+from neftune_cli.flops import flops_per_token, peak_flops
 from neftune_cli.loss import CausalLMLoss, attention_stays_within_examples
 from neftune_cli.modeling import load_model, load_tokenizer, model_path
 from neftune_cli.progress import Progress
@@ -45,20 +45,16 @@ RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "
 
 @dataclass
 class Schedule:
-    """How the recipe's epochs become optimizer steps."""
+    """The learning rate over the run's optimizer steps."""
 
-    micro_batches_per_epoch: int
-    steps_per_epoch: int
     total_steps: int
     warmup_steps: int
 
     @classmethod
-    def of(cls, recipe: Recipe, n_examples: int) -> Schedule:
+    def of(cls, recipe: Recipe, plan: StepPlan) -> Schedule:
         t = recipe.train
-        micro = math.ceil(n_examples / t.micro_batch_size)
-        per_epoch = math.ceil(micro / t.grad_accum)
-        total = t.max_steps or t.epochs * per_epoch
-        return cls(micro, per_epoch, total, math.ceil(t.warmup_ratio * total))
+        total = t.max_steps or plan.total_steps(t.epochs)
+        return cls(total, math.ceil(t.warmup_ratio * total))
 
     def lr_factor(self, kind: str, step: int) -> float:
         """LR multiplier before optimizer step `step` (0-based), as transformers' schedulers define it."""
@@ -107,7 +103,9 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
     if resume_from is not None:
         check_resumable(resume_from, recipe, data, force, d)
     lengths = data.train["length"]
-    schedule = Schedule.of(recipe, len(lengths))
+    plan = StepPlan(lengths, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
+                    group_by_length=t.batching == "pad", token_budget=t.pack_tokens)
+    schedule = Schedule.of(recipe, plan)
     if resume_from is not None and resume_from.step >= schedule.total_steps and run.final.is_dir():
         out.print(f"nothing to do: {run.root} finished at step {resume_from.step} and final/ is in place",
                   markup=False)
@@ -125,6 +123,8 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
         raise UsageError(f"train.batching: pack needs attention that stays within each packed example, and "
                          f"{recipe.model.name_or_path} with attn_implementation {recipe.model.attn_implementation} "
                          f"lets examples see each other; use batching: pad or attn_implementation: flash_attention_2")
+    peak = peak_flops(device)
+    token_flops = flops_per_token(model, sum(lengths) / max(len(lengths), 1)) if peak else None
     step_forward = distributed.wrap(trainer, d)
     if d.rank:
         seed_everything(t.seed + d.rank)  # from here each rank its own dropout stream
@@ -176,14 +176,12 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
         distributed.barrier(d)
         return where
 
-    @functools.lru_cache(maxsize=1)
-    def epoch_plan(epoch: int) -> list[list[int]]:
-        return plan_epoch(lengths, t.micro_batch_size, seed=t.seed, epoch=epoch, group_by_length=t.batching == "pad")
-
-    def micro_batches(step: int) -> list[list[int]]:
-        """Example indices of this rank's micro-batches of optimizer step `step` (1-based)."""
-        epoch, k = divmod(step - 1, schedule.steps_per_epoch)
-        return distributed.my_share(epoch_plan(epoch)[k * t.grad_accum:(k + 1) * t.grad_accum], d)
+    def micro_batches(step: int) -> list[tuple[list[int], float]]:
+        """This rank's micro-batches of optimizer step `step` (1-based) with their weight in the loss: 0 for a
+        stand-in where this rank's share of the step comes up short (it must still run forward and backward)."""
+        step_plan = plan.micro_batches(step)
+        return [(mb, 1.0) if mb is not None else (step_plan[0], 0.0)
+                for mb in distributed.my_share(step_plan, d, pad=True)]
 
     # --- the loop ---
     metrics_file = run.metrics.open("a", encoding="utf-8") if d.main else None
@@ -208,19 +206,20 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
                 step += 1
                 faults.crash_point(f"step-{step}")
                 step_started = time.perf_counter()
-                batches = [batch_of(data.train, mb) for mb in micro_batches(step)]
+                shares = micro_batches(step)
+                batches = [(batch_of(data.train, mb), weight) for mb, weight in shares]
                 n_trained, n_tokens = distributed.sum_all(
-                    [sum(int((b["targets"] != IGNORE).sum()) for b in batches),
+                    [sum(int((b["targets"] != IGNORE).sum()) for b, w in batches if w),
                      sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                         for b in batches)], d)
+                         for b, w in batches if w)], d)
                 loss_sum, norms = 0.0, []
-                for i, b in enumerate(batches):
+                for i, (b, weight) in enumerate(batches):
                     with distributed.grad_sync(step_forward, d, last=i == len(batches) - 1):
                         loss, _, noise = step_forward(**b, generator=noise_generator)
                         # DDP/FSDP average gradients over the ranks; every trained token of the step weighs the same
-                        (loss * d.world / max(n_trained, 1)).backward()
-                    loss_sum = loss_sum + loss.detach()  # a tensor: no device sync per micro-batch
-                    if noise is not None:
+                        (loss * weight * d.world / max(n_trained, 1)).backward()
+                    loss_sum = loss_sum + loss.detach() * weight  # a tensor: no device sync per micro-batch
+                    if noise is not None and weight:
                         norms.append(noise)
                 noise_local = torch.cat(norms) if norms else torch.zeros(0)
                 loss_total, noise_total, noise_count = distributed.sum_all(
@@ -239,7 +238,7 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
                 window_tokens += n_tokens
 
                 now = time.perf_counter()
-                last = {"step": step, "epoch": round(step / schedule.steps_per_epoch, 4),
+                last = {"step": step, "epoch": round(plan.epochs_done(step), 4),
                         "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_tokens),
                         "trained_tokens": int(n_trained), "noise_norm": noise_total / max(noise_count, 1)}
                 progress.update(step, last, n_tokens / max(now - step_started, 1e-9))
@@ -248,6 +247,8 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
                               "elapsed_s": now - started}
                     if d.enabled:
                         record["tokens_per_s_per_process"] = record["tokens_per_s"] / d.world
+                    if token_flops:  # CUDA, on a device whose peak we know
+                        record["mfu"] = record["tokens_per_s"] / d.world * token_flops / peak
                     write_metrics(metrics_file, record)
                     progress.log(format_record(record))
                     window_start, window_tokens = now, 0
@@ -288,9 +289,8 @@ def evaluate(trainer: CausalLMLoss, dataset, batch_of, batch_size: int, d: distr
     """Mean token loss over the eval set: eval mode (no dropout, no noise), no gradients; ranks share the batches."""
     trainer.train(False)
     total, count = 0.0, 0
-    starts = distributed.my_share(list(range(0, len(dataset), batch_size)), d)
-    if d.fsdp:  # every rank must run each forward (they gather the shards together): pad the shares
-        starts += [None] * (math.ceil(len(range(0, len(dataset), batch_size)) / d.world) - len(starts))
+    # FSDP: every rank runs every forward (they gather the shards together), a stand-in where its share is short
+    starts = distributed.my_share(list(range(0, len(dataset), batch_size)), d, pad=d.fsdp)
     with torch.no_grad():
         for start in starts:
             indices = list(range(start or 0, min((start or 0) + batch_size, len(dataset))))
@@ -321,7 +321,7 @@ def check_resumable(checkpoint: Checkpoint, recipe: Recipe, data: PreparedData, 
         raise UsageError(f"--resume: {checkpoint.folder} was written by {written_by} process(es); resume with the "
                          f"same number (this run has {d.world})")
     changes = []
-    before, now = flatten(meta["recipe"]), flatten(recipe.model_dump(mode="json"))
+    before, now = flatten(with_defaults(meta["recipe"])), flatten(recipe.model_dump(mode="json"))
     for key in sorted(set(before) | set(now)):
         if key not in RESUME_SAFE_KEYS and before.get(key) != now.get(key):
             changes.append(f"{key}: {json.dumps(before.get(key))} -> {json.dumps(now.get(key))}")
@@ -334,6 +334,14 @@ def check_resumable(checkpoint: Checkpoint, recipe: Recipe, data: PreparedData, 
                          f"({'; '.join(changes)}); undo the change or add --force")
     for change in changes:
         log(f"warning: resuming despite a change (--force): {change}")
+
+
+def with_defaults(saved: dict) -> dict:
+    """A recipe saved by an earlier version, with the keys added since at their defaults (which is how it ran)."""
+    try:
+        return Recipe.model_validate(saved).model_dump(mode="json")
+    except ValueError:  # a key since removed or renamed: compare as saved, and the change is named
+        return saved
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -397,7 +405,8 @@ def write_metrics(file, record: dict) -> None:
 
 def format_record(r: dict) -> str:
     return (f"step {r['step']} epoch {r['epoch']:.2f} loss {r['loss']:.4f} lr {r['lr']:.2e} "
-            f"grad_norm {r['grad_norm']:.3f} noise_norm {r['noise_norm']:.3f} tokens/s {r['tokens_per_s']:.0f}")
+            f"grad_norm {r['grad_norm']:.3f} noise_norm {r['noise_norm']:.3f} tokens/s {r['tokens_per_s']:.0f}"
+            + (f" mfu {r['mfu']:.1%}" if "mfu" in r else ""))
 
 
 def fmt(x) -> str:

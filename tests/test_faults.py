@@ -433,3 +433,16 @@ def test_warnings_for_likely_mistakes(cli, work):
     assert code == 0, err
     assert "duplicate key" in err and "'lr'" not in err and '"lr"' in err
     assert "data.max_seq_len 4096 is beyond the model's 1024 positions" in err
+
+
+def test_resume_of_a_run_saved_before_a_recipe_key_existed(cli, work):
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=2")[0] == 0
+    meta_file = work / "run" / "checkpoints" / "step-2" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["recipe"]["train"]["pack_tokens"]  # as an older version wrote it: the run used the default
+    meta_file.write_text(json.dumps(meta))
+    code, _, err = cli("train", path, "--set", "train.max_steps=3", "--resume", "--force")
+    assert code == 0, err
+    assert "pack_tokens" not in err  # only the real change is named
+    assert "train.max_steps: 2 -> 3" in err

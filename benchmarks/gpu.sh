@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU comparison in one command: ours vs TRL's SFTTrainer (neftune_noise_alpha 5, its padded collator and its
+# padding_free), LoRA r 16 all-linear, bf16, Alpaca-length data, on random-weight models of Llama-2-7B's and
+# Llama-3-8B's shapes (no download). Prints a table per model and writes the numbers to $OUT (default
+# runs/bench-gpu). About 6 minutes on one H200.
+#
+#   bash benchmarks/gpu.sh                  # on a GPU box (installs what it lacks first, see below)
+#   NEFTUNE_BENCH_TINY=1 bash benchmarks/gpu.sh   # the same steps on a CPU with a tiny model: tries the script
+#
+# A bare CUDA image has torch, transformers, peft, pyarrow, typer and rich but not datasets, trl or pydantic:
+# wheels carried beside this script in $WHEELS (default benchmarks/wheels; fill it with
+# `pip download -d benchmarks/wheels datasets trl pydantic pyyaml jinja2`) are installed without an index; the
+# project itself goes in with --no-deps, so the image's torch is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-runs/bench-gpu}
+WHEELS=${WHEELS:-benchmarks/wheels}
+DATA=${DATA:-../shared/data/alpaca/alpaca_data_first2k.json}
+[ -f "$DATA" ] || DATA=recipes/data/demo.jsonl   # Alpaca's lengths if we have it; our demo data otherwise
+
+missing=$("$PYTHON" - <<'PY'
+import importlib.util
+need = {"datasets": "datasets", "trl": "trl", "pydantic": "pydantic", "yaml": "pyyaml", "jinja2": "jinja2",
+        "typer": "typer", "rich": "rich", "peft": "peft", "safetensors": "safetensors"}
+print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
+PY
+)
+if [ -n "$missing" ]; then
+  echo "installing: $missing"
+  if [ -d "$WHEELS" ]; then
+    "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" $missing
+  else
+    "$PYTHON" -m pip install -q $missing
+  fi
+fi
+(cd / && "$PYTHON" -c "import neftune_cli" 2>/dev/null) || "$PYTHON" -m pip install -q --no-deps -e .
+
+mkdir -p "$OUT"
+if [ -n "${NEFTUNE_BENCH_TINY:-}" ]; then
+  models=(tiny-random); common=(--examples 32 --micro-batch 4 --steps 2 --warmup 1 --max-seq-len 128 --threads 1)
+else
+  models=(llama2-7b-random llama3-8b-random)
+  common=(--examples 2048 --micro-batch 16 --pack-tokens 8192 --steps 20 --warmup 3 --max-seq-len 512)
+fi
+for model in "${models[@]}"; do
+  "$PYTHON" benchmarks/train.py --model "$model" --data "$DATA" "${common[@]}" --json "$OUT/$model.json" \
+    | tee "$OUT/$model.txt"
+done
+echo "numbers: $OUT/*.json, tables: $OUT/*.txt"

@@ -1,0 +1,54 @@
+"""Model FLOPs utilisation (MFU): the FLOPs a training step needs per real token, over the device's dense peak.
+
+Per token (forward + backward): a weight matrix costs 2N in forward; its input gradient 2N more; its weight
+gradient another 2N, only when it is trained. So frozen weights (LoRA's base) cost 4N and trained ones 6N. The
+input embedding is a lookup, not a matmul, and costs nothing unless it is tied to the output head. Attention's
+score and value products add 12 x layers x hidden x L per token (L: the example's length; PaLM's convention, which
+counts the whole score matrix although a causal mask needs half of it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Dense (not sparse) bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets; matched as substrings of
+# torch.cuda.get_device_name(). A device not listed gets no MFU rather than a wrong one.
+PEAK_BF16 = {
+    "B200": 2250e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "RTX 4090": 165e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+}
+
+
+def flops_per_token(model: nn.Module, mean_length: float) -> float:
+    """Training FLOPs per real token of `model` (plain or peft) on examples of `mean_length` tokens."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding
+    frozen = trained = 0
+    for p in model.parameters():
+        if p is embedding and not tied:
+            continue
+        if p.requires_grad:
+            trained += p.numel()
+        else:
+            frozen += p.numel()
+    config = model.config
+    attention = 12 * config.num_hidden_layers * config.hidden_size * mean_length
+    return 4 * frozen + 6 * trained + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None (CPU, or a GPU not in the table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)

@@ -1,0 +1,34 @@
+"""MFU arithmetic against PyTorch's own FLOP counter on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from neftune_cli.flops import PEAK_BF16, flops_per_token, peak_flops
+from neftune_cli.loss import CausalLMLoss
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_flops_per_token_matches_the_flop_counter(lora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    # eager attention: its matmuls are counted (CPU SDPA kernels are invisible to the counter)
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_hidden_layers=8, intermediate_size=256,
+                         vocab_size=500, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0))
+    ids = torch.randint(0, 500, (4, 64))
+    with FlopCounterMode(display=False) as counter:
+        loss, _, _ = CausalLMLoss(model, 0, "paper")(input_ids=ids, targets=ids)  # every position trained
+        loss.backward()
+    assert counter.get_total_flops() == pytest.approx(flops_per_token(model, 64) * ids.numel(), rel=0.03)
+
+
+def test_no_mfu_without_a_known_gpu():
+    assert peak_flops(torch.device("cpu")) is None
+    assert PEAK_BF16["H200"] == 989e12
