@@ -111,8 +111,8 @@ def summary(spec: ModelSection, lora: LoraSection) -> list[str]:
     qlora = estimate(counts, dtype, quantization, spec.double_quant)
     plain = estimate(counts, dtype, None, spec.double_quant)
     mine = " (this recipe)"
-    return [f"memory for weights, adapters and optimizer state ({str(dtype).removeprefix('torch.')}; activations "
-            "not included):",
+    shown = "dtype auto: bfloat16 as on a GPU" if spec.dtype == "auto" else spec.dtype
+    return [f"memory for weights, adapters and optimizer state ({shown}; activations not included):",
             f"  QLoRA {quantization}{' + double quant' if spec.double_quant else ''}: {qlora.describe()}"
             f"{mine if spec.quantization else ''}",
             f"  LoRA: {plain.describe()}{'' if spec.quantization else mine}"]
