@@ -20,7 +20,7 @@ from neftune_cli.modeling import load_model
 from neftune_cli.recipe import load_recipe
 
 QLORA = ["--set", "model.quantization=nf4", "--set", "train.max_steps=2", "--set", "train.save_every=1",
-         "--set", "data.eval_sources=[]", "--set", "train.grad_accum=1"]
+         "--set", "data.eval_sources=[]", "--set", "train.grad_accum=1", "--set", "train.micro_batch_size=2"]
 
 
 def needs_bitsandbytes():
