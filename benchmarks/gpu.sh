@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The GPU comparison in one command: ours vs TRL's SFTTrainer (neftune_noise_alpha 5, its padded collator and its
 # padding_free), LoRA r 16 all-linear, bf16, Alpaca-length data, on random-weight models of Llama-2-7B's and
-# Llama-3-8B's shapes (no download). Prints a table per model and writes the numbers to $OUT (default
-# runs/bench-gpu). About 6 minutes on one H200.
+# Llama-3-8B's shapes (no download), and QLoRA (NF4) on the 7B shape. Prints a table per run and writes the
+# numbers to $OUT (default runs/bench-gpu). Never run on a GPU yet: its time on one H200 is not known.
 #
 #   bash benchmarks/gpu.sh                  # on a GPU box (installs what it lacks first, see below)
 #   NEFTUNE_BENCH_TINY=1 bash benchmarks/gpu.sh   # the same steps on a CPU with a tiny model: tries the script
 #
 # A bare CUDA image has torch, transformers, peft, pyarrow, typer and rich but not datasets, trl or pydantic:
 # wheels carried beside this script in $WHEELS (default benchmarks/wheels; fill it with
-# `pip download -d benchmarks/wheels datasets trl pydantic pyyaml jinja2`) are installed without an index; the
-# project itself goes in with --no-deps, so the image's torch is kept.
+# `pip download -d benchmarks/wheels datasets trl pydantic pyyaml jinja2 bitsandbytes`) are installed without an
+# index; the project itself goes in with --no-deps, so the image's torch is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -22,7 +22,7 @@ DATA=${DATA:-../shared/data/alpaca/alpaca_data_first2k.json}
 missing=$("$PYTHON" - <<'PY'
 import importlib.util
 need = {"datasets": "datasets", "trl": "trl", "pydantic": "pydantic", "yaml": "pyyaml", "jinja2": "jinja2",
-        "typer": "typer", "rich": "rich", "peft": "peft", "safetensors": "safetensors"}
+        "typer": "typer", "rich": "rich", "peft": "peft", "safetensors": "safetensors", "bitsandbytes": "bitsandbytes"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 PY
 )
@@ -47,4 +47,8 @@ for model in "${models[@]}"; do
   "$PYTHON" benchmarks/train.py --model "$model" --data "$DATA" "${common[@]}" --json "$OUT/$model.json" \
     | tee "$OUT/$model.txt"
 done
+if [ -z "${NEFTUNE_BENCH_TINY:-}" ]; then  # QLoRA (NF4, double quantization) on the 7B shape, ours vs TRL
+  "$PYTHON" benchmarks/train.py --model llama2-7b-random --data "$DATA" "${common[@]}" --quantization nf4 \
+    --json "$OUT/llama2-7b-random-qlora.json" | tee "$OUT/llama2-7b-random-qlora.txt"
+fi
 echo "numbers: $OUT/*.json, tables: $OUT/*.txt"

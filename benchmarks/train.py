@@ -65,7 +65,7 @@ def child_ours(c: dict) -> dict:
 
     run_dir = Path(c["workdir"]) / "run"
     recipe = {
-        "model": {"name_or_path": c["model"], "attn_implementation": "sdpa"},
+        "model": {"name_or_path": c["model"], "attn_implementation": "sdpa", "quantization": c["quantization"]},
         "data": {"sources": [{"path": c["data"], "format": "alpaca", "max_samples": c["examples"]}],
                  "template": "alpaca", "max_seq_len": c["max_seq_len"], "overlength": "truncate", "cache": False},
         "lora": {"r": c["lora_r"], "alpha": 2 * c["lora_r"], "dropout": 0.0, "target_modules": "all-linear"},
@@ -100,8 +100,15 @@ def child_trl(c: dict) -> dict:
 
     cuda, padding_free, max_len = torch.cuda.is_available(), c["batching"] == "padding_free", c["max_seq_len"]
     tokenizer = AutoTokenizer.from_pretrained(c["model"])
-    model = AutoModelForCausalLM.from_pretrained(c["model"], dtype=torch.bfloat16 if cuda else torch.float32,
-                                                 attn_implementation="sdpa")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    quantized = {}
+    if c["quantization"]:  # the same 4-bit base as ours (neftune_cli.quantization); TRL prepares it its own way
+        from transformers import BitsAndBytesConfig
+
+        quantized = {"device_map": {"": 0 if cuda else "cpu"}, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=c["quantization"], bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)}
+    model = AutoModelForCausalLM.from_pretrained(c["model"], dtype=dtype, attn_implementation="sdpa", **quantized)
     text = Path(c["data"]).read_text()
     records = json.loads(text) if c["data"].endswith(".json") else [json.loads(x) for x in text.splitlines() if x]
     rows = [{"prompt": (ALPACA_PROMPT_INPUT if r.get("input") else ALPACA_PROMPT_NO_INPUT).format(**r),
@@ -225,6 +232,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps before them")
     ap.add_argument("--batching", choices=["pack", "pad", "both"], default="both", help="ours; TRL runs both")
+    ap.add_argument("--quantization", choices=["nf4", "fp4"], help="QLoRA: both systems on a 4-bit base")
     ap.add_argument("--pack-tokens", type=int, default=0,
                     help="ours pack: fill each micro-batch to this many tokens (train.pack_tokens) instead of "
                     "--micro-batch examples")
@@ -272,7 +280,8 @@ def main() -> None:
         common = {"model": model, "data": str(Path(args.data).resolve()),
                   "flops_per_token": training_flops(model, args.lora_r, mean_length(args, model)),
                   **{k: getattr(args, k) for k in ("examples", "micro_batch", "grad_accum", "max_seq_len", "steps",
-                                                   "warmup", "lora_r", "alpha", "lr", "pack_tokens")}}
+                                                   "warmup", "lora_r", "alpha", "lr", "pack_tokens",
+                                                   "quantization")}}
         runs = [(s, b) for s, b in RUNS if s == "trl" or args.batching in (b, "both")]
         load = [os.getloadavg()[0]]
         results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
@@ -307,6 +316,7 @@ def main() -> None:
                          ratio(r, best[("trl", "pad")], "tokens_per_s")] if peer else ["", "", ""])])
     some = next((r for r in best.values() if "error" not in r), {})
     budget = f" (ours pack: {args.pack_tokens} tokens)" if args.pack_tokens else ""
+    budget += f", QLoRA {args.quantization}" if args.quantization else ""
     print(f"\n{Path(model).name}, {args.examples} examples, micro-batch {args.micro_batch}{budget} x "
           f"{args.grad_accum}, "
           f"max_seq_len {args.max_seq_len}, LoRA r {args.lora_r} all-linear, NEFTune alpha {args.alpha}, "
