@@ -9,6 +9,8 @@ counts the whole score matrix although a causal mask needs half of it).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -28,6 +30,12 @@ PEAK_BF16 = {
 }
 
 
+def numel(p: torch.Tensor) -> int:
+    """Parameters in a tensor; a 4-bit bitsandbytes weight stores two per byte, and knows its real shape."""
+    state = getattr(p, "quant_state", None)
+    return math.prod(state.shape) if state is not None else p.numel()
+
+
 def flops_per_token(model: nn.Module, mean_length: float) -> float:
     """Training FLOPs per real token of `model` (plain or peft) on examples of `mean_length` tokens."""
     embedding = model.get_input_embeddings().weight
@@ -38,9 +46,9 @@ def flops_per_token(model: nn.Module, mean_length: float) -> float:
         if p is embedding and not tied:
             continue
         if p.requires_grad:
-            trained += p.numel()
+            trained += numel(p)
         else:
-            frozen += p.numel()
+            frozen += numel(p)
     config = model.config
     attention = 12 * config.num_hidden_layers * config.hidden_size * mean_length
     return 4 * frozen + 6 * trained + attention

@@ -32,7 +32,7 @@ from neftune_cli.checkpoint import (
 from neftune_cli.console import log, out, stdout_is_tty
 from neftune_cli.data import PreparedData, prepare
 from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, OOM_HINT, Interrupted, RuntimeFailure, UsageError
-from neftune_cli.flops import flops_per_token, peak_flops
+from neftune_cli.flops import flops_per_token, numel, peak_flops
 from neftune_cli.loss import CausalLMLoss, attention_stays_within_examples
 from neftune_cli.modeling import load_model, load_tokenizer, model_path
 from neftune_cli.progress import Progress
@@ -129,7 +129,7 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
     if d.rank:
         seed_everything(t.seed + d.rank)  # from here each rank its own dropout stream
     params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    n_trainable, n_total = sum(numel(p) for p in params), sum(numel(p) for p in model.parameters())
     log(f"model: {n_total / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trained "
         f"({recipe.finetune}), {next(model.parameters()).dtype}, {device}")
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay,

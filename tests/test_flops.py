@@ -32,3 +32,14 @@ def test_flops_per_token_matches_the_flop_counter(lora):
 def test_no_mfu_without_a_known_gpu():
     assert peak_flops(torch.device("cpu")) is None
     assert PEAK_BF16["H200"] == 989e12
+
+
+def test_a_4bit_weight_counts_its_real_parameters():
+    bnb = pytest.importorskip("bitsandbytes")
+    from neftune_cli.flops import numel
+
+    layer = bnb.nn.Linear4bit(128, 64, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")  # quantizes
+    assert layer.weight.numel() == 64 * 128 // 2 and numel(layer.weight) == 64 * 128
+    assert numel(torch.zeros(3, 5)) == 15
