@@ -171,15 +171,6 @@ def gather_object(obj, d: Dist) -> list:
     return out or []
 
 
-def scatter_object(objs: list | None, d: Dist):
-    """Rank r gets objs[r] (objs given on rank 0)."""
-    if not d.enabled:
-        return objs[0]
-    out = [None]
-    dist.scatter_object_list(out, objs if d.main else None, src=0)
-    return out[0]
-
-
 def full_model_state(model: nn.Module, d: Dist) -> dict | None:
     """The unsharded weights (on rank 0, on the CPU) when FSDP holds them in shards; None otherwise (the model's
     own state dict is whole). Every rank must call it."""

@@ -162,7 +162,7 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
 
     def checkpoint(step: int) -> Path:
         """Every rank takes part (gathers); rank 0 writes."""
-        local_bad = sum(not bool(local(p.detach()).isfinite().all()) for p in params)
+        local_bad = int((~torch.stack([local(p.detach()).isfinite().all() for p in params])).sum())  # one sync
         if distributed.sum_all([local_bad], d)[0]:
             raise RuntimeFailure(f"the weights hold NaN/inf after step {step}; not saving them. Last good checkpoint: "
                                  f"{run.latest_checkpoint() or 'none'}. Try a lower train.lr")
@@ -255,11 +255,12 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
                 if data.eval is not None and ((t.eval_every and step % t.eval_every == 0)
                                               or step == schedule.total_steps):
                     last["eval_loss"] = run_eval(step)
+                saved = None
                 if (t.save_every and step % t.save_every == 0) or step == schedule.total_steps:
-                    checkpoint(step)
+                    saved = checkpoint(step)
                 stopping = distributed.sum_all([stop.signum is not None], d)[0]  # any rank's signal stops all
                 if stopping and step < schedule.total_steps:
-                    where = checkpoint(step)
+                    where = saved or checkpoint(step)  # not twice when the signal came on a save step
                     signum = stop.signum or signal.SIGTERM
                     code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
                     raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {step}; "

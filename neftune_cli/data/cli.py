@@ -32,11 +32,10 @@ def _load(recipe: Path, overrides: list[str] | None):
     return loaded
 
 
-def _prepare(recipe: Path, overrides: list[str] | None, loaded=None):
+def _prepare(loaded):
     from neftune_cli.data import prepare
     from neftune_cli.modeling import load_tokenizer
 
-    loaded = loaded or _load(recipe, overrides)
     tokenizer = load_tokenizer(loaded.recipe.model)
     return loaded.recipe, tokenizer, prepare(loaded.recipe, tokenizer, log=console.log)
 
@@ -52,7 +51,7 @@ def preview(
 
     Example: neftune data preview recipes/demo.yaml -n 2
     """
-    _, tokenizer, data = _prepare(recipe, set_)
+    _, tokenizer, data = _prepare(_load(recipe, set_))
     if index is not None and index >= len(data.train):
         raise UsageError(f"--index {index}: the training set has {len(data.train)} examples")
     chosen = [index] if index is not None else list(range(min(n, len(data.train))))
@@ -79,7 +78,7 @@ def stats(
 
     Example: neftune data stats recipes/llama2-alpaca.yaml --json
     """
-    spec, _, data = _prepare(recipe, set_)
+    spec, _, data = _prepare(_load(recipe, set_))
     lengths = np.asarray(data.train["length"])
     batch = spec.train.micro_batch_size
     result = {
@@ -157,7 +156,7 @@ def export(
         raise UsageError(f"--split {split}: expected train or eval")
     loaded = _load(recipe, set_)
     _check_export_target(out, loaded, overwrite)
-    _, _, data = _prepare(recipe, set_, loaded)
+    _, _, data = _prepare(loaded)
     dataset = data.train if split == "train" else data.eval
     if dataset is None:
         raise UsageError("--split eval: the recipe has no eval data (data.eval_sources, eval_fraction or eval_size)")
