@@ -33,7 +33,7 @@ demo: install
 	$(BIN)/neftune data preview recipes/demo.yaml -n 1
 	$(BIN)/neftune train recipes/demo.yaml --overwrite
 	$(BIN)/neftune merge runs/demo --out merged/demo --overwrite
-	@# held-out prompts, greedy, no repetition penalty (answers copy words from the prompt): base vs merged model
+	@# held-out prompts, greedy, no repetition penalty (short exact answers; the paper's 1.2 is for long ones)
 	$(BIN)/neftune generate builtin:tiny-llama --template alpaca $(DEMO_GENERATE) --out runs/demo-answers/before.jsonl
 	$(BIN)/neftune generate merged/demo $(DEMO_GENERATE) --out runs/demo-answers/after.jsonl
 	$(BIN)/python -m neftune_cli.demo_check runs/demo-answers/before.jsonl runs/demo-answers/after.jsonl

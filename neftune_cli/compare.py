@@ -6,30 +6,16 @@ losses), plus the answers' length and diversity when answer files are given.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
 from neftune_cli.answers import answer_stats, read_answers
-from neftune_cli.errors import DataError, UsageError
+from neftune_cli.errors import UsageError
+from neftune_cli.metrics import read_metrics
 
 COLUMNS = ["run", "alpha", "scale", "steps", "tokens", "wall_s", "train_loss", "eval_loss",
            "answer_tokens", "answer_chars", "hit_max", "rep_2", "diversity"]
-
-
-def read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        raise UsageError(f"{run}: no metrics.jsonl (not a training run?)")
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path}: line {n}: invalid JSON") from None
-    return records
 
 
 def run_row(run: Path) -> dict:

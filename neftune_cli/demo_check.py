@@ -13,11 +13,9 @@ from pathlib import Path
 
 from neftune_cli import demo_data
 
-SHOWN = 6  # answers printed, one per task where possible
-
 
 def eval_tasks() -> list[tuple[str, dict]]:
-    """(task, record) of demo_eval.jsonl, in its order; the task is the problem key's prefix ("reverse:planet")."""
+    """(task, record) of demo_eval.jsonl, in its order; the task is the problem key's prefix ("opposite:hot|...")."""
     return [(problem.split(":")[0], record)
             for problem, record in demo_data.draw(demo_data.EVAL_SIZE, demo_data.EVAL_SEED, "eval")]
 
@@ -51,15 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exact match on the {len(tasks)} held-out demo prompts (greedy), before -> after fine-tuning:")
     for task in scores[1]:
         print(f"  {task:<12} {counts[task]:>4}  {scores[0][task]:>6.1%} -> {scores[1][task]:>6.1%}")
-    print("a few answers after fine-tuning:")
-    firsts = {}
+    print("answers after fine-tuning, the first right and the first wrong one of each task:")
+    shown = {}
     for k, task in enumerate(tasks):
-        firsts.setdefault(task, k)
-    for k in list(firsts.values())[:SHOWN]:
+        shown.setdefault((task, after[k].strip() == expected[k].strip()), k)
+    for (task, right), k in sorted(shown.items(), key=lambda item: (item[0][0], not item[0][1])):
         r = records[k]
         question = r["instruction"] + (f" [{r['input']}]" if r["input"] else "")
-        mark = "ok" if after[k].strip() == r["output"].strip() else f"expected {r['output']!r}"
-        print(f"  {question} -> {after[k]!r} ({mark})")
+        print(f"  {task:<9} {question} -> {after[k]!r} ({'ok' if right else f'expected {expected[k]!r}'})")
     return 0
 
 

@@ -1,14 +1,17 @@
 """Synthetic instruction data for the demo and the tests, written by us (no third-party text).
 
-Small tasks a tiny model can genuinely learn in about a minute on a CPU: reverse or uppercase a word, sort
-numbers, count items, add two numbers, take the first or last item of a list; several phrasings each, and
-some records with the whole question in the instruction and an empty ``input``.
+Small tasks a tiny randomly initialised model can learn with LoRA in a minute or two on a CPU: count the
+items of a list, name a word's category, give a word's opposite, add two digits, name what comes after a day,
+a month or a number; several phrasings each, some with the whole question in the instruction and an empty
+``input``. Tasks that need copying or spelling (reverse a word, take the first item of a list) are not here:
+the random model does not learn them in that time (0% after 1,000 steps).
 
 Records are Alpaca records ``{"instruction", "input", "output"}``. ``generate(n, seed, split)`` is
-deterministic (``random.Random(seed)`` only). Every problem (task + its arguments, whatever the phrasing)
-belongs to exactly one split by a stable hash, so the eval records are disjoint from the training ones by
-construction. ``python -m neftune_cli.demo_data --out recipes/data`` writes the committed files
-``demo.jsonl`` (2000 train records, seed 0) and ``demo_eval.jsonl`` (200 eval records, seed 1).
+deterministic (``random.Random(seed)`` only). Every problem (task + its arguments + the phrasing) belongs to
+exactly one split by a stable hash, so the eval records are disjoint from the training ones by construction:
+an eval list to count is a new list, and an eval fact (the opposite of "hot") is asked in a phrasing the
+model never saw it in. ``python -m neftune_cli.demo_data --out recipes/data`` writes the committed files
+``demo.jsonl`` (1400 train records, seed 0) and ``demo_eval.jsonl`` (200 eval records, seed 1).
 
 The builtin tokenizer (``neftune_cli.builtin``) is trained on ``generate(TRAIN_SIZE, TRAIN_SEED)``: changing
 anything here changes that tokenizer, so bump ``builtin.VERSION`` too.
@@ -25,124 +28,92 @@ from pathlib import Path
 
 TRAIN_FILE = "demo.jsonl"
 EVAL_FILE = "demo_eval.jsonl"
-TRAIN_SIZE, TRAIN_SEED = 2000, 0
+TRAIN_SIZE, TRAIN_SEED = 1400, 0
 EVAL_SIZE, EVAL_SEED = 200, 1
 SPLITS = ("train", "eval")
 EVAL_SHARE = 10  # percent of problems reserved for eval
 
-WORDS: tuple[str, ...] = tuple(
-    """
-    apple river stone planet garden window candle forest bridge silver rabbit orange
-    pencil castle winter summer valley button guitar pocket mirror ladder basket carpet
-    cookie dragon engine flower hammer island jacket kitten lemon marble needle ocean
-    pepper quartz rocket saddle tomato umbrella violin walnut yellow zebra anchor bottle
-    cactus desert feather glove harbor igloo jungle kettle lantern meadow nutmeg otter
-    parrot quilt ribbon spoon tiger velvet wagon yogurt acorn beetle cloud daisy
-    eagle fossil goose honey ivory jewel koala llama maple night olive pearl
-    raven sugar tulip uncle vapor whale blue green red fish bird tree
-    moon star rain snow bread chair table clock horse music paper sand
-    wind lamp
-    """.split()
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    name: tuple(words.split())
+    for name, words in {
+        "fruit": "apple orange lemon banana cherry grape peach pear plum mango melon kiwi",
+        "animal": "rabbit kitten zebra otter parrot tiger beetle eagle goose koala llama raven whale horse",
+        "color": "yellow blue green red purple pink brown black white gray",
+        "place": "river forest garden valley island ocean desert harbor jungle meadow castle bridge",
+        "tool": "hammer needle pencil spoon ladder lantern kettle basket bottle wagon",
+        "weather": "rain snow wind cloud storm fog frost thunder",
+        "instrument": "guitar violin drum piano flute trumpet harp",
+    }.items()
+}
+WORDS: tuple[str, ...] = tuple(w for words in CATEGORIES.values() for w in words)
+CATEGORY_OF = {w: name for name, words in CATEGORIES.items() for w in words}
+OPPOSITES: dict[str, str] = {
+    a: b
+    for pair in (
+        "hot cold", "big small", "up down", "day night", "fast slow", "old new", "happy sad", "light dark",
+        "open closed", "early late", "full empty", "high low", "hard soft", "wet dry", "loud quiet", "rich poor",
+        "strong weak", "long short", "left right", "in out", "yes no", "win lose", "push pull", "black white",
+    )
+    for a, b in (pair.split(), pair.split()[::-1])
+}
+SEQUENCES = (
+    "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split(),
+    "January February March April May June July August September October November December".split(),
+    [str(n) for n in range(21)],
 )
 
 Record = dict[str, str]
-
-
-def _words(rng: random.Random, k: int) -> list[str]:
-    return rng.sample(WORDS, k)
-
-
-def _numbers(rng: random.Random, k: int, top: int = 99) -> list[int]:
-    return [rng.randint(0, top) for _ in range(k)]
 
 
 def _join(items) -> str:
     return ", ".join(str(x) for x in items)
 
 
-def _reverse(rng: random.Random) -> tuple[str, Record]:
-    w = rng.choice(WORDS)
-    if rng.random() < 0.25:
-        instr = rng.choice(("Reverse the word '{w}'.", "Spell '{w}' backwards.", "What is '{w}' written backwards?"))
-        return f"reverse:{w}", {"instruction": instr.format(w=w), "input": "", "output": w[::-1]}
-    instr = rng.choice(
-        (
-            "Reverse the letters of the word.",
-            "Spell the word backwards.",
-            "Write the given word in reverse order.",
-            "Return the word with its letters reversed.",
-        )
-    )
-    return f"reverse:{w}", {"instruction": instr, "input": w, "output": w[::-1]}
-
-
-def _upper(rng: random.Random) -> tuple[str, Record]:
-    w = rng.choice(WORDS)
-    if rng.random() < 0.25:
-        instr = rng.choice(("Write the word {w} in capital letters.", "What is '{w}' in uppercase?"))
-        return f"upper:{w}", {"instruction": instr.format(w=w), "input": "", "output": w.upper()}
-    instr = rng.choice(
-        (
-            "Convert the word to uppercase.",
-            "Write the word in capital letters.",
-            "Uppercase the following word.",
-        )
-    )
-    return f"upper:{w}", {"instruction": instr, "input": w, "output": w.upper()}
-
-
-def _sort(rng: random.Random) -> tuple[str, Record]:
-    nums = _numbers(rng, rng.randint(3, 6))
-    instr = rng.choice(
-        (
-            "Sort the numbers in ascending order.",
-            "Arrange these numbers from smallest to largest.",
-            "Put the numbers in increasing order.",
-            "Order the list of numbers from lowest to highest.",
-        )
-    )
-    return f"sort:{_join(nums)}", {"instruction": instr, "input": _join(nums), "output": _join(sorted(nums))}
+def _ask(rng: random.Random, task: str, args: str, inline, with_input, output: str, input_text: str, **fields):
+    """``task`` asked about ``args`` in one of its phrasings: the whole question in the instruction (empty
+    input), or an instruction plus ``input_text``. The problem key names the phrasing too (see ``split_of``)."""
+    template, inp = rng.choice([(t, "") for t in inline] + [(t, input_text) for t in with_input])
+    record = {"instruction": template.format(**fields), "input": inp, "output": output}
+    return f"{task}:{args}|{template}", record
 
 
 def _count(rng: random.Random) -> tuple[str, Record]:
-    items = _words(rng, rng.randint(2, 8))
-    instr = rng.choice(
-        (
-            "Count the items in the list.",
-            "How many items are in the list?",
-            "Give the number of words in the list.",
-        )
-    )
-    return f"count:{_join(items)}", {"instruction": instr, "input": _join(items), "output": str(len(items))}
+    items = rng.sample(WORDS, rng.randint(2, 8))
+    asks = ("Count the items in the list.", "How many items are in the list?", "Give the number of words in the list.")
+    return _ask(rng, "count", _join(items), (), asks, str(len(items)), _join(items))
+
+
+def _category(rng: random.Random) -> tuple[str, Record]:
+    w = rng.choice(WORDS)
+    inline = ("What kind of thing is '{w}'?", "Which group does the word '{w}' belong to?")
+    asks = ("Give the category of the word.", "What kind of thing is this?", "Classify the word.")
+    return _ask(rng, "category", w, inline, asks, CATEGORY_OF[w], w, w=w)
+
+
+def _opposite(rng: random.Random) -> tuple[str, Record]:
+    w = rng.choice(tuple(OPPOSITES))
+    inline = ("What is the opposite of '{w}'?", "Give the opposite of the word {w}.", "What is the antonym of {w}?")
+    asks = ("Write the opposite of the word.", "What is the antonym of this word?")
+    return _ask(rng, "opposite", w, inline, asks, OPPOSITES[w], w, w=w)
 
 
 def _add(rng: random.Random) -> tuple[str, Record]:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
-    key = f"add:{a}+{b}"
-    if rng.random() < 0.5:
-        instr = rng.choice(("What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}."))
-        return key, {"instruction": instr.format(a=a, b=b), "input": "", "output": str(a + b)}
-    instr = rng.choice(("Add the two numbers.", "What is the sum of these numbers?", "Compute the sum."))
-    return key, {"instruction": instr, "input": f"{a} and {b}", "output": str(a + b)}
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    inline = ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.")
+    asks = ("Add the two numbers.", "What is the sum of these numbers?")
+    return _ask(rng, "add", f"{a}+{b}", inline, asks, str(a + b), f"{a} and {b}", a=a, b=b)
 
 
-def _first_last(rng: random.Random) -> tuple[str, Record]:
-    items = _words(rng, rng.randint(3, 6))
-    if rng.random() < 0.5:
-        instr = rng.choice(("Return the first item of the list.", "What is the first word in the list?"))
-        return f"first:{_join(items)}", {"instruction": instr, "input": _join(items), "output": items[0]}
-    instr = rng.choice(("Return the last item of the list.", "What is the last word in the list?"))
-    return f"last:{_join(items)}", {"instruction": instr, "input": _join(items), "output": items[-1]}
+def _next(rng: random.Random) -> tuple[str, Record]:
+    sequence = rng.choice(SEQUENCES)
+    i = rng.randrange(len(sequence))
+    w, after = sequence[i], sequence[(i + 1) % len(sequence)]
+    inline = ("What comes after {w}?", "Which one follows {w}?", "Name the one after {w}.")
+    asks = ("What comes next?", "Give the next one in the sequence.")
+    return _ask(rng, "next", w, inline, asks, after, w, w=w)
 
 
-TASKS: tuple[Callable[[random.Random], tuple[str, Record]], ...] = (
-    _reverse,
-    _upper,
-    _sort,
-    _count,
-    _add,
-    _first_last,
-)
+TASKS: tuple[Callable[[random.Random], tuple[str, Record]], ...] = (_count, _category, _opposite, _add, _next)
 
 
 def split_of(problem: str) -> str:
@@ -156,7 +127,8 @@ def generate(n: int, seed: int, split: str = "train") -> list[Record]:
 
 
 def draw(n: int, seed: int, split: str = "train") -> list[tuple[str, Record]]:
-    """Like ``generate`` but each record comes with its problem key (e.g. ``"reverse:planet"``)."""
+    """Like ``generate`` but each record comes with its problem key, e.g. ``"opposite:hot|What is the antonym
+    of {w}?"``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     rng = random.Random(seed)

@@ -247,6 +247,11 @@ class TrainSection(Section):
     eval_every: int | None = Field(None, ge=1, description="Steps between eval-loss runs (and one at the end).")
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (and one at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    report_to: list[Literal["tensorboard"]] = Field(
+        default_factory=list,
+        description="Where metrics go besides metrics.jsonl: [tensorboard] writes TensorBoard events to "
+        "OUTPUT_DIR/tensorboard (pip install 'neftune-cli[tensorboard]').",
+    )
 
 
 class OutputSection(Section):

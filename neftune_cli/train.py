@@ -34,13 +34,14 @@ from neftune_cli.data import PreparedData, prepare
 from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, OOM_HINT, Interrupted, RuntimeFailure, UsageError
 from neftune_cli.flops import flops_per_token, numel, peak_flops
 from neftune_cli.loss import CausalLMLoss, attention_stays_within_examples
+from neftune_cli.metrics import MetricsLog, summary_writer_class
 from neftune_cli.modeling import load_model, load_tokenizer, model_path
 from neftune_cli.progress import Progress
 from neftune_cli.recipe import LoadedRecipe, Recipe, recipe_to_yaml
 from neftune_cli.tokenizer_files import TokenizerFiles, tokenizer_files
 
 # Keys that may change between a run and its resume without changing the result.
-RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_last")
+RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.report_to")
 
 
 @dataclass
@@ -72,6 +73,8 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
                  resume_command: str = "neftune train RECIPE --resume") -> dict:
     """Train as the recipe says, holding output.dir for the whole run (rank 0 holds it under torchrun).
     Returns the final summary (also printed)."""
+    if "tensorboard" in loaded.recipe.train.report_to:
+        summary_writer_class()  # a missing extra fails now, not after tokenizing and loading the model
     d = distributed.init(loaded.recipe.train.distributed)
     run = RunDir(Path(loaded.recipe.output.dir))
     try:
@@ -184,12 +187,12 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
                 for mb in distributed.my_share(step_plan, d, pad=True)]
 
     # --- the loop ---
-    metrics_file = run.metrics.open("a", encoding="utf-8") if d.main else None
+    metrics_log = MetricsLog(run.root, t.report_to, start_step) if d.main else None
     progress = Progress(schedule.total_steps, start_step, enabled=stdout_is_tty() and d.main)
 
     def run_eval(step: int) -> float:
         eval_loss = evaluate(step_forward, data.eval, batch_of, t.micro_batch_size, d)
-        write_metrics(metrics_file, {"step": step, "eval_loss": eval_loss})
+        write_metrics(metrics_log, {"step": step, "eval_loss": eval_loss})
         progress.print(f"step {step}: eval_loss {eval_loss:.4f}")
         return eval_loss
 
@@ -249,7 +252,7 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
                         record["tokens_per_s_per_process"] = record["tokens_per_s"] / d.world
                     if token_flops:  # CUDA, on a device whose peak we know
                         record["mfu"] = record["tokens_per_s"] / d.world * token_flops / peak
-                    write_metrics(metrics_file, record)
+                    write_metrics(metrics_log, record)
                     progress.log(format_record(record))
                     window_start, window_tokens = now, 0
                 if data.eval is not None and ((t.eval_every and step % t.eval_every == 0)
@@ -268,8 +271,8 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
     except torch.cuda.OutOfMemoryError:
         raise RuntimeFailure(f"CUDA out of memory - {OOM_HINT}") from None
     finally:
-        if metrics_file is not None:
-            metrics_file.close()
+        if metrics_log is not None:
+            metrics_log.close()
 
     weights = distributed.full_model_state(model, d)
     if d.main:
@@ -394,14 +397,10 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
-def write_metrics(file, record: dict) -> None:
-    """One strict-JSON line: a non-finite number (which JSON has no word for) is written as null. No file: not
-    rank 0."""
-    if file is None:
-        return
-    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    file.write(json.dumps(record, allow_nan=False) + "\n")
-    file.flush()
+def write_metrics(log: MetricsLog | None, record: dict) -> None:
+    """Not rank 0: no log."""
+    if log is not None:
+        log.write(record)
 
 
 def format_record(r: dict) -> str:

@@ -209,11 +209,12 @@ def test_nan_gradients_with_a_finite_loss(cli, work, monkeypatch):
 
 
 def test_non_finite_metrics_are_written_as_null(tmp_path):
-    from neftune_cli.train import write_metrics
+    from neftune_cli.metrics import MetricsLog
 
-    with (tmp_path / "m.jsonl").open("w") as f:
-        write_metrics(f, {"step": 1, "eval_loss": float("inf"), "loss": float("nan"), "lr": 0.1})
-    assert strict_json_lines(tmp_path / "m.jsonl") == [{"step": 1, "eval_loss": None, "loss": None, "lr": 0.1}]
+    log = MetricsLog(tmp_path, report_to=[])
+    log.write({"step": 1, "eval_loss": float("inf"), "loss": float("nan"), "lr": 0.1})
+    log.close()
+    assert strict_json_lines(tmp_path / "metrics.jsonl") == [{"step": 1, "eval_loss": None, "loss": None, "lr": 0.1}]
 
 
 # --- 4. --resume of a finished run changes nothing -----------------------------------------------------------

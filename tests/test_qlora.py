@@ -58,7 +58,7 @@ def test_a_quantized_step_changes_only_the_adapter(workdir):  # noqa: F811
     assert attention_stays_within_examples(trainer)  # an eval-mode forward first, as training does
     before = {n: p.detach().clone() for n, p in model.named_parameters()}  # the packed 4-bit weights included
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = probe(1536)
+    ids = probe(model.config.vocab_size)
     loss, _, norms = trainer(ids, ids, generator=torch.Generator().manual_seed(2))
     loss.backward()
     optimizer.step()

@@ -1,0 +1,69 @@
+"""What a run records per step: `metrics.jsonl` always (strict JSON, one object per line), and TensorBoard
+events under `tensorboard/` when `train.report_to` names it. Rank 0 writes; `compare` and `plot` read."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from neftune_cli.errors import DataError, UsageError
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def json_line(record: dict) -> str:
+    """Strict JSON: a non-finite number (which JSON has no word for) is written as null."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(record, allow_nan=False) + "\n"
+
+
+def summary_writer_class():
+    """torch's TensorBoard writer, or a one-line error naming the extra that provides it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch imports the tensorboard package lazily, here
+        raise UsageError("train.report_to: tensorboard needs the tensorboard package: "
+                         "pip install 'neftune-cli[tensorboard]'") from None
+    return SummaryWriter
+
+
+class MetricsLog:
+    """The run's metric sinks. `start_step` > 0 (a resume from that checkpoint): what the interrupted run logged
+    after it is dropped, from metrics.jsonl by the caller and from TensorBoard by its `purge_step`."""
+
+    def __init__(self, run_root: Path, report_to: list[str], start_step: int = 0):
+        self._tensorboard = None
+        if "tensorboard" in report_to:
+            purge = start_step + 1 if start_step else None
+            self._tensorboard = summary_writer_class()(str(run_root / TENSORBOARD_DIR), purge_step=purge)
+        self._file = (run_root / "metrics.jsonl").open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json_line(record))
+        self._file.flush()  # a reader (tail -f, a killed run's leftovers) sees whole steps
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, int | float) and math.isfinite(value):
+                    tag = "eval/loss" if key == "eval_loss" else f"train/{key}"
+                    self._tensorboard.add_scalar(tag, value, record["step"])
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise UsageError(f"{run}: no metrics.jsonl (not a training run?)")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}: line {n}: invalid JSON") from None
+    return records
