@@ -42,9 +42,11 @@ if [ -n "${NEFTUNE_BENCH_TINY:-}" ]; then
 else
   models=(llama2-7b-random llama3-8b-random)
   common=(--examples 2048 --micro-batch 16 --pack-tokens 8192 --steps 20 --warmup 3 --max-seq-len 512)
+  flex=(--flex)  # packed rows with flex_attention next to sdpa's dense mask: which one packing should use
 fi
 for model in "${models[@]}"; do
-  "$PYTHON" benchmarks/train.py --model "$model" --data "$DATA" "${common[@]}" --json "$OUT/$model.json" \
+  "$PYTHON" benchmarks/train.py --model "$model" --data "$DATA" "${common[@]}" ${flex[@]+"${flex[@]}"} \
+    --json "$OUT/$model.json" \
     | tee "$OUT/$model.txt"
 done
 if [ -z "${NEFTUNE_BENCH_TINY:-}" ]; then  # QLoRA (NF4, double quantization) on the 7B shape, ours vs TRL

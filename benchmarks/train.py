@@ -10,7 +10,9 @@ torch.cuda.max_memory_allocated on CUDA). All get the same model, the first --ex
 prompt; only the response + EOS trained; keep the first --max-seq-len tokens, drop examples left with nothing to
 train), micro-batch, LoRA (r, alpha 2r, dropout 0, all-linear), constant lr, fp32 on CPU / bf16 on CUDA:
 
-  ours pack | pad     neftune_cli.train.run_training on a temp recipe (paper noise scale), timed from metrics.jsonl
+  ours pack | pad     neftune_cli.train.run_training on a temp recipe (paper noise scale), timed from metrics.jsonl;
+                      attention sdpa (packed rows: a dense block-diagonal mask)
+  ours pack-flex      (--flex, CUDA) the same packed batches with attn_implementation flex_attention
   trl  pad            SFTTrainer, pad to the longest of a random batch (TRL's default; HF noise scale)
   trl  padding_free   SFTTrainer(padding_free=True): each batch flattened into one row
 
@@ -35,7 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RUNS = [("ours", "pack"), ("ours", "pad"), ("trl", "pad"), ("trl", "padding_free")]
-PEER = {"pack": ("trl", "padding_free"), "pad": ("trl", "pad")}  # like for like: no pads / pads
+FLEX = ("ours", "pack-flex")
+PEER = {"pack": ("trl", "padding_free"), "pack-flex": ("trl", "padding_free"), "pad": ("trl", "pad")}  # like for like
 
 
 def peak_memory() -> tuple[int, str]:
@@ -64,16 +67,18 @@ def child_ours(c: dict) -> dict:
     from neftune_cli.train import run_training
 
     run_dir = Path(c["workdir"]) / "run"
+    batching = "pack" if c["batching"].startswith("pack") else "pad"
     recipe = {
-        "model": {"name_or_path": c["model"], "attn_implementation": "sdpa", "quantization": c["quantization"]},
+        "model": {"name_or_path": c["model"], "quantization": c["quantization"],
+                  "attn_implementation": "flex_attention" if c["batching"] == "pack-flex" else "sdpa"},
         "data": {"sources": [{"path": c["data"], "format": "alpaca", "max_samples": c["examples"]}],
                  "template": "alpaca", "max_seq_len": c["max_seq_len"], "overlength": "truncate", "cache": False},
         "lora": {"r": c["lora_r"], "alpha": 2 * c["lora_r"], "dropout": 0.0, "target_modules": "all-linear"},
         "neftune": {"alpha": c["alpha"], "scale": "paper"},
         "train": {"max_steps": c["warmup"] + c["steps"], "micro_batch_size": c["micro_batch"],
                   "grad_accum": c["grad_accum"], "lr": c["lr"], "schedule": "constant", "warmup_ratio": 0.0,
-                  "batching": c["batching"], "log_every": 1, "seed": 0,
-                  **({"pack_tokens": c["pack_tokens"]} if c["batching"] == "pack" and c["pack_tokens"] else {})},
+                  "batching": batching, "log_every": 1, "seed": 0,
+                  **({"pack_tokens": c["pack_tokens"]} if batching == "pack" and c["pack_tokens"] else {})},
         "output": {"dir": str(run_dir)},
     }
     path = Path(c["workdir"]) / "recipe.yaml"
@@ -232,6 +237,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps before them")
     ap.add_argument("--batching", choices=["pack", "pad", "both"], default="both", help="ours; TRL runs both")
+    ap.add_argument("--flex", action="store_true",
+                    help="also ours packed with attn_implementation flex_attention (it trains on CUDA only)")
     ap.add_argument("--quantization", choices=["nf4", "fp4"], help="QLoRA: both systems on a 4-bit base")
     ap.add_argument("--pack-tokens", type=int, default=0,
                     help="ours pack: fill each micro-batch to this many tokens (train.pack_tokens) instead of "
@@ -282,7 +289,7 @@ def main() -> None:
                   **{k: getattr(args, k) for k in ("examples", "micro_batch", "grad_accum", "max_seq_len", "steps",
                                                    "warmup", "lora_r", "alpha", "lr", "pack_tokens",
                                                    "quantization")}}
-        runs = [(s, b) for s, b in RUNS if s == "trl" or args.batching in (b, "both")]
+        runs = [(s, b) for s, b in RUNS if s == "trl" or args.batching in (b, "both")] + [FLEX] * args.flex
         load = [os.getloadavg()[0]]
         results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
         for i in range(args.repeats):  # interleaved, so a change in the machine's load hits every system

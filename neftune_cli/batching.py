@@ -131,15 +131,26 @@ def as_examples(columns: dict) -> list[dict]:
     return [{"input_ids": i, "labels": lab} for i, lab in zip(columns["input_ids"], columns["labels"], strict=True)]
 
 
+class Batch(dict):
+    """A micro-batch: the model's keyword arguments (tensors on the device), and its token counts, taken on the
+    host while collating so that the training step never waits on the device to read them."""
+
+    trained: int  # targets that count in the loss
+    tokens: int  # real (non-pad) tokens
+
+
 def batch_builder(batching: str, pad_id: int, device: torch.device):
     """`batch_of(dataset, indices)`: the micro-batch of those examples, collated as `batching` says, on `device`.
 
     Training and `neftune eval` share it, so an eval loss computed later equals the one the loop logged.
     """
 
-    def batch_of(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+    def batch_of(dataset, indices: list[int]) -> Batch:
         examples = as_examples(dataset[indices])
-        batch = collate_pack(examples) if batching == "pack" else collate_pad(examples, pad_id)
-        return {k: v.to(device) for k, v in batch.items()}
+        collated = collate_pack(examples) if batching == "pack" else collate_pad(examples, pad_id)
+        batch = Batch({k: v.to(device, non_blocking=True) for k, v in collated.items()})
+        batch.trained = int((collated["targets"] != IGNORE).sum())
+        batch.tokens = sum(len(e["input_ids"]) for e in examples)
+        return batch
 
     return batch_of

@@ -20,7 +20,7 @@ import torch
 
 from neftune_cli import __version__, distributed, faults
 from neftune_cli.atomic import atomic_dir, atomic_file
-from neftune_cli.batching import IGNORE, StepPlan, batch_builder
+from neftune_cli.batching import StepPlan, batch_builder
 from neftune_cli.checkpoint import (
     Checkpoint,
     RunDir,
@@ -78,6 +78,9 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
     d = distributed.init(loaded.recipe.train.distributed)
     run = RunDir(Path(loaded.recipe.output.dir))
     try:
+        if loaded.recipe.model.attn_implementation == "flex_attention" and d.device.type != "cuda":
+            raise UsageError("model.attn_implementation: flex_attention trains on CUDA only (PyTorch has no "
+                             "FlexAttention backward on a CPU); use sdpa")
         with run.locked() if d.main else nullcontext():
             with distributed.main_first(d):  # the others read what rank 0 cleaned up and tokenized
                 if d.main:
@@ -125,7 +128,8 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
     if t.batching == "pack" and not attention_stays_within_examples(trainer):
         raise UsageError(f"train.batching: pack needs attention that stays within each packed example, and "
                          f"{recipe.model.name_or_path} with attn_implementation {recipe.model.attn_implementation} "
-                         f"lets examples see each other; use batching: pad or attn_implementation: flash_attention_2")
+                         f"lets examples see each other; use batching: pad, or attn_implementation: "
+                         f"flash_attention_2 or flex_attention")
     peak = peak_flops(device)
     token_flops = flops_per_token(model, sum(lengths) / max(len(lengths), 1)) if peak else None
     step_forward = distributed.wrap(trainer, d)
@@ -212,9 +216,7 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
                 shares = micro_batches(step)
                 batches = [(batch_of(data.train, mb), weight) for mb, weight in shares]
                 n_trained, n_tokens = distributed.sum_all(
-                    [sum(int((b["targets"] != IGNORE).sum()) for b, w in batches if w),
-                     sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                         for b, w in batches if w)], d)
+                    [sum(b.trained for b, w in batches if w), sum(b.tokens for b, w in batches if w)], d)
                 loss_sum, norms = 0.0, []
                 for i, (b, weight) in enumerate(batches):
                     with distributed.grad_sync(step_forward, d, last=i == len(batches) - 1):

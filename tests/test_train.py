@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from neftune_cli import builtin, demo_data
-from neftune_cli.batching import IGNORE, collate_pack, collate_pad, plan_epoch
+from neftune_cli.batching import IGNORE, batch_builder, collate_pack, collate_pad, plan_epoch
 from neftune_cli.loss import CausalLMLoss, attention_stays_within_examples
 
 RECIPE = """\
@@ -144,12 +144,54 @@ def test_packing_isolation_check(tiny_model):
     assert not attention_stays_within_examples(trainer)
 
 
+def test_flex_attention_keeps_packed_examples_apart(tiny_model_dir):
+    """The kernel users without flash-attn have: its packed forward equals each example's own (the start-up check
+    passes). Its training (backward) exists on CUDA only, which the CPU refusal below covers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation="flex_attention")
+    trainer = CausalLMLoss(model, noise_alpha=0, noise_scale="paper")
+    assert attention_stays_within_examples(trainer)
+    examples = random_examples(3, model.config.vocab_size, seed=5)
+    with torch.no_grad():
+        packed = trainer.decoder(**{k: v for k, v in collate_pack(examples).items() if k != "targets"},
+                                 use_cache=False).last_hidden_state[0]
+        alone = torch.cat([trainer.decoder(input_ids=torch.tensor([e["input_ids"]]), use_cache=False)
+                           .last_hidden_state[0] for e in examples])
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_flex_attention_training_on_a_cpu_is_refused(cli, workdir):
+    code, _, err = cli("train", str(make_recipe(workdir)), "--set", "model.attn_implementation=flex_attention")
+    assert code == 2 and err.strip() == ("error: model.attn_implementation: flex_attention trains on CUDA only "
+                                         "(PyTorch has no FlexAttention backward on a CPU); use sdpa")
+    assert not (workdir / "run").exists()
+
+
 def test_packed_targets_never_cross_examples():
     batch = collate_pack(
         [{"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3]}, {"input_ids": [1, 5], "labels": [IGNORE, 5]}]
     )
     assert batch["targets"].tolist() == [[2, 3, IGNORE, 5, IGNORE]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+
+
+@pytest.mark.parametrize("batching", ["pad", "pack"])
+def test_batch_counts_are_taken_on_the_host_and_equal_the_tensors(batching):
+    """The loop reads a micro-batch's token counts from the host (no device sync); they are the tensors' counts."""
+    examples = random_examples(5, 100, seed=3)
+    dataset = {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
+    columns = lambda indices: {k: [v[i] for i in indices] for k, v in dataset.items()}  # noqa: E731
+
+    class Rows:  # a dataset's row selection, as datasets.Dataset[indices] gives it
+        def __getitem__(self, indices):
+            return columns(indices)
+
+    batch = batch_builder(batching, pad_id=0, device=torch.device("cpu"))(Rows(), [0, 2, 4])
+    assert batch.trained == int((batch["targets"] != IGNORE).sum())
+    real = batch["attention_mask"].sum() if batching == "pad" else batch["input_ids"].numel()
+    assert batch.tokens == int(real) == sum(len(examples[i]["input_ids"]) for i in (0, 2, 4))
 
 
 def test_no_noise_in_eval_mode(tiny_model):
