@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU comparison in one command: ours vs TRL's SFTTrainer (neftune_noise_alpha 5, its padded collator and its
 # padding_free), LoRA r 16 all-linear, bf16, Alpaca-length data, on random-weight models of Llama-2-7B's and
-# Llama-3-8B's shapes (no download), and QLoRA (NF4) on the 7B shape. Prints a table per run and writes the
-# numbers to $OUT (default runs/bench-gpu). Never run on a GPU yet: its time on one H200 is not known.
+# Llama-3-8B's shapes (no download), QLoRA (NF4) on the 7B shape, and generation on the 7B shape. Prints a table
+# per run and writes the numbers to $OUT (default runs/bench-gpu). Never run on a GPU yet: its time on one H200 is not known.
 #
 #   bash benchmarks/gpu.sh                  # on a GPU box (installs what it lacks first, see below)
 #   NEFTUNE_BENCH_TINY=1 bash benchmarks/gpu.sh   # the same steps on a CPU with a tiny model: tries the script
@@ -52,5 +52,10 @@ done
 if [ -z "${NEFTUNE_BENCH_TINY:-}" ]; then  # QLoRA (NF4, double quantization) on the 7B shape, ours vs TRL
   "$PYTHON" benchmarks/train.py --model llama2-7b-random --data "$DATA" "${common[@]}" --quantization nf4 \
     --json "$OUT/llama2-7b-random-qlora.json" | tee "$OUT/llama2-7b-random-qlora.txt"
+  # generation, ours vs a per-prompt model.generate loop (random weights never stop: every answer is 128 tokens)
+  if [ -f ../shared/data/alpaca_eval/alpaca_eval_instructions.json ]; then
+    "$PYTHON" benchmarks/generate.py --model llama2-7b-random --prompts 32 --batch-size 16 --repeats 1 \
+      --json "$OUT/generate-llama2-7b-random.json" | tee "$OUT/generate-llama2-7b-random.txt"
+  fi
 fi
 echo "numbers: $OUT/*.json, tables: $OUT/*.txt"
