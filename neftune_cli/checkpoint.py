@@ -30,7 +30,7 @@ from neftune_cli import faults
 from neftune_cli.atomic import TMP_PREFIX, atomic_dir, atomic_file
 from neftune_cli.console import log
 from neftune_cli.errors import UsageError, first_line
-from neftune_cli.metrics import TENSORBOARD_DIR
+from neftune_cli.metrics import METRICS_FILE, TENSORBOARD_DIR
 
 if TYPE_CHECKING:
     from neftune_cli.tokenizer_files import TokenizerFiles
@@ -40,7 +40,7 @@ META_FILE = "meta.json"
 RUN_MARKER = "neftune-run.json"  # what makes a folder recognisably one of our runs (and so ours to delete)
 LOCK_FILE = ".lock"
 # Everything a run directory may hold. --overwrite deletes only a folder holding nothing else.
-RUN_ENTRIES = {RUN_MARKER, LOCK_FILE, "recipe.yaml", "data_report.json", "metrics.jsonl", "checkpoints", "final",
+RUN_ENTRIES = {RUN_MARKER, LOCK_FILE, "recipe.yaml", "data_report.json", METRICS_FILE, "checkpoints", "final",
                TENSORBOARD_DIR}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -49,7 +49,7 @@ class RunDir:
     def __init__(self, root: Path):
         self.root = root
         self.checkpoints = root / "checkpoints"
-        self.metrics = root / "metrics.jsonl"
+        self.metrics = root / METRICS_FILE
         self.final = root / "final"
 
     @contextmanager

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from neftune_cli.errors import DataError, UsageError
 
+METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -37,7 +38,7 @@ class MetricsLog:
         if "tensorboard" in report_to:
             purge = start_step + 1 if start_step else None
             self._tensorboard = summary_writer_class()(str(run_root / TENSORBOARD_DIR), purge_step=purge)
-        self._file = (run_root / "metrics.jsonl").open("a", encoding="utf-8")
+        self._file = (run_root / METRICS_FILE).open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self._file.write(json_line(record))
@@ -56,7 +57,7 @@ class MetricsLog:
 
 
 def read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
+    path = run / METRICS_FILE
     if not path.is_file():
         raise UsageError(f"{run}: no metrics.jsonl (not a training run?)")
     records = []
