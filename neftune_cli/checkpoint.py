@@ -49,7 +49,6 @@ class RunDir:
     def __init__(self, root: Path):
         self.root = root
         self.checkpoints = root / "checkpoints"
-        self.metrics = root / METRICS_FILE
         self.final = root / "final"
 
     @contextmanager
@@ -142,13 +141,6 @@ class RunDir:
         for step in self.checkpoint_steps()[:-keep_last]:
             shutil.rmtree(self.checkpoints / f"step-{step}", ignore_errors=True)
 
-    def truncate_metrics(self, step: int) -> None:
-        """Drop records after `step`: the resumed run writes them again."""
-        if not self.metrics.exists():
-            return
-        keep = [line for line in self.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        with atomic_file(self.metrics) as f:
-            f.write("".join(line + "\n" for line in keep))
 
 
 def save_model(model, folder: Path, state_dict: dict | None = None) -> None:

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from neftune_cli.atomic import atomic_file
 from neftune_cli.errors import DataError, UsageError
 
 METRICS_FILE = "metrics.jsonl"
@@ -31,14 +32,20 @@ def summary_writer_class():
 
 class MetricsLog:
     """The run's metric sinks. `start_step` > 0 (a resume from that checkpoint): what the interrupted run logged
-    after it is dropped, from metrics.jsonl by the caller and from TensorBoard by its `purge_step`."""
+    after it is dropped, from metrics.jsonl here and from TensorBoard by its `purge_step`; the resumed run logs
+    those steps again."""
 
     def __init__(self, run_root: Path, report_to: list[str], start_step: int = 0):
+        path = run_root / METRICS_FILE
+        if start_step and path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            with atomic_file(path) as f:
+                f.write("".join(line + "\n" for line in lines if line and json.loads(line)["step"] <= start_step))
         self._tensorboard = None
         if "tensorboard" in report_to:
             purge = start_step + 1 if start_step else None
             self._tensorboard = summary_writer_class()(str(run_root / TENSORBOARD_DIR), purge_step=purge)
-        self._file = (run_root / METRICS_FILE).open("a", encoding="utf-8")
+        self._file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self._file.write(json_line(record))

@@ -151,8 +151,6 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"][d.rank], noise_generator)
         start_step = state["step"]
-        if d.main:
-            run.truncate_metrics(start_step)
         log(f"resume: from {resume_from.folder} (step {start_step} of {schedule.total_steps})")
     elif d.main:
         with atomic_file(run.root / "recipe.yaml") as f:

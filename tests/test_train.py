@@ -180,15 +180,12 @@ def test_packed_targets_never_cross_examples():
 @pytest.mark.parametrize("batching", ["pad", "pack"])
 def test_batch_counts_are_taken_on_the_host_and_equal_the_tensors(batching):
     """The loop reads a micro-batch's token counts from the host (no device sync); they are the tensors' counts."""
+    from datasets import Dataset
+
     examples = random_examples(5, 100, seed=3)
-    dataset = {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
-    columns = lambda indices: {k: [v[i] for i in indices] for k, v in dataset.items()}  # noqa: E731
-
-    class Rows:  # a dataset's row selection, as datasets.Dataset[indices] gives it
-        def __getitem__(self, indices):
-            return columns(indices)
-
-    batch = batch_builder(batching, pad_id=0, device=torch.device("cpu"))(Rows(), [0, 2, 4])
+    dataset = Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples],
+                                 "labels": [e["labels"] for e in examples]})
+    batch = batch_builder(batching, pad_id=0, device=torch.device("cpu"))(dataset, [0, 2, 4])
     assert batch.trained == int((batch["targets"] != IGNORE).sum())
     real = batch["attention_mask"].sum() if batching == "pad" else batch["input_ids"].numel()
     assert batch.tokens == int(real) == sum(len(examples[i]["input_ids"]) for i in (0, 2, 4))
@@ -324,12 +321,13 @@ def test_resume_equals_an_uninterrupted_run(cli, workdir, monkeypatch):
         assert torch.equal(a[k], b[k]), k  # bitwise on CPU fp32
 
 
-def tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
+def tensorboard_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every event TensorBoard shows for `tag`, in order: a step logged twice shows twice."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()  # honours the purge a resumed run's writer records
-    return {e.step: e.value for e in events.Scalars(tag)}
+    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 def test_tensorboard_events_equal_the_metrics_across_a_resume(cli, workdir):
@@ -344,10 +342,13 @@ def test_tensorboard_events_equal_the_metrics_across_a_resume(cli, workdir):
     code, _, err = cli("train", str(recipe), "--resume", *report)
     assert code == 0 and "from " in err and "step-2" in err, err
     records = metrics(workdir / "run")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once in metrics.jsonl too
     for tag, key in (("train/loss", "loss"), ("train/noise_norm", "noise_norm"), ("eval/loss", "eval_loss")):
-        logged = {r["step"]: r[key] for r in records if r.get(key) is not None}
-        assert tensorboard_scalars(workdir / "run", tag) == pytest.approx(logged, rel=1e-6), tag
-    assert sorted(logged) == [0, 6]  # the baseline eval and the one at the end
+        logged = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        shown = tensorboard_scalars(workdir / "run", tag)
+        assert [step for step, _ in shown] == [step for step, _ in logged], tag
+        assert [value for _, value in shown] == pytest.approx([value for _, value in logged], rel=1e-6), tag
+    assert [step for step, _ in logged] == [0, 6]  # the baseline eval and the one at the end
 
 
 def test_tensorboard_without_the_package_names_the_extra(cli, workdir, monkeypatch):
