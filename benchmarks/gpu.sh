@@ -2,7 +2,8 @@
 # The GPU comparison in one command: ours vs TRL's SFTTrainer (neftune_noise_alpha 5, its padded collator and its
 # padding_free), LoRA r 16 all-linear, bf16, Alpaca-length data, on random-weight models of Llama-2-7B's and
 # Llama-3-8B's shapes (no download), QLoRA (NF4) on the 7B shape, and generation on the 7B shape. Prints a table
-# per run and writes the numbers to $OUT (default runs/bench-gpu). Never run on a GPU yet: its time on one H200 is not known.
+# per run and writes the numbers to $OUT (default runs/bench-gpu). Never run on a GPU yet: its time on one H200
+# is not known.
 #
 #   bash benchmarks/gpu.sh                  # on a GPU box (installs what it lacks first, see below)
 #   NEFTUNE_BENCH_TINY=1 bash benchmarks/gpu.sh   # the same steps on a CPU with a tiny model: tries the script
@@ -39,13 +40,14 @@ fi
 mkdir -p "$OUT"
 if [ -n "${NEFTUNE_BENCH_TINY:-}" ]; then
   models=(tiny-random); common=(--examples 32 --micro-batch 4 --steps 2 --warmup 1 --max-seq-len 128 --threads 1)
+  flex=()  # flex_attention trains on CUDA only
 else
   models=(llama2-7b-random llama3-8b-random)
   common=(--examples 2048 --micro-batch 16 --pack-tokens 8192 --steps 20 --warmup 3 --max-seq-len 512)
   flex=(--flex)  # packed rows with flex_attention next to sdpa's dense mask: which one packing should use
 fi
 for model in "${models[@]}"; do
-  "$PYTHON" benchmarks/train.py --model "$model" --data "$DATA" "${common[@]}" ${flex[@]+"${flex[@]}"} \
+  "$PYTHON" benchmarks/train.py --model "$model" --data "$DATA" "${common[@]}" "${flex[@]}" \
     --json "$OUT/$model.json" \
     | tee "$OUT/$model.txt"
 done
