@@ -36,7 +36,7 @@ demo: install
 	@# held-out prompts, greedy, no repetition penalty (short exact answers; the paper's 1.2 is for long ones)
 	$(BIN)/neftune generate builtin:tiny-llama --template alpaca $(DEMO_GENERATE) --out runs/demo-answers/before.jsonl
 	$(BIN)/neftune generate merged/demo $(DEMO_GENERATE) --out runs/demo-answers/after.jsonl
-	$(BIN)/python -m neftune_cli.demo_check runs/demo-answers/before.jsonl runs/demo-answers/after.jsonl
+	$(BIN)/python -m neftune_cli.demo.check runs/demo-answers/before.jsonl runs/demo-answers/after.jsonl
 
 lint: install
 	$(BIN)/ruff check neftune_cli tests benchmarks

@@ -6,7 +6,7 @@ and whether greedy answers are identical.
 
 Both sides get the same model object, the first --prompts AlpacaEval instructions formatted with the Alpaca
 prompt (data.prompt_ids), greedy decoding with repetition penalty 1.2 (the paper's setting), the same stop tokens
-and max_new_tokens. Ours: length-sorted, left-padded batches with the KV cache (neftune_cli.generate). The loop:
+and max_new_tokens. Ours: length-sorted, left-padded batches with the KV cache (neftune_cli.infer.generate). The loop:
 one `model.generate` call per prompt with transformers' stock processors. Measured in one process, alternating, best of
 --repeats, after an untimed warm-up of each; tokens/s counts generated answer tokens. Nothing is asserted.
 """
@@ -26,7 +26,7 @@ SHARED = REPO.parent / "shared" / "data"
 
 def per_prompt_loop(model, prompts: list[list[int]], settings, stops, tokenizer) -> list:
     """What users write by hand: one model.generate call per prompt, transformers' own processors."""
-    from neftune_cli.generate import finish
+    from neftune_cli.infer.generate import finish
 
     device = next(model.parameters()).device
     answers = []
@@ -41,7 +41,7 @@ def per_prompt_loop(model, prompts: list[list[int]], settings, stops, tokenizer)
 
 
 def ours(model, prompts: list[list[int]], settings, stops, tokenizer) -> list:
-    from neftune_cli.generate import generate
+    from neftune_cli.infer.generate import generate
 
     done = {}
     for part in generate(model, tokenizer, prompts, settings, stops):
@@ -51,7 +51,7 @@ def ours(model, prompts: list[list[int]], settings, stops, tokenizer) -> list:
 
 def load(model_arg: str):
     """(target, model, tokenizer): a local model with the Alpaca prompt, or random Llama-2-7B-shaped weights."""
-    from neftune_cli.inference import Target, plain_data_section, resolve
+    from neftune_cli.infer.target import Target, plain_data_section, resolve
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if model_arg != "llama2-7b-random":
@@ -79,7 +79,7 @@ def timed(fn, *args) -> tuple[list, float]:
 
 
 def main() -> None:
-    from neftune_cli.generate import Settings, read_prompts, stops_for
+    from neftune_cli.infer.generate import Settings, read_prompts, stops_for
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(SHARED / "models" / "stories260K"),

@@ -51,11 +51,11 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    from neftune_cli.compare import compare_rows, format_table
-    from neftune_cli.generate import Settings, run_generate
-    from neftune_cli.inference import resolve
-    from neftune_cli.recipe import load_recipe
-    from neftune_cli.train import run_training
+    from neftune_cli.analysis.compare import compare_rows, format_table
+    from neftune_cli.infer.generate import Settings, run_generate
+    from neftune_cli.infer.target import resolve
+    from neftune_cli.recipe.schema import load_recipe
+    from neftune_cli.train.finetune import run_training
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ torch.cuda.max_memory_allocated on CUDA). All get the same model, the first --ex
 prompt; only the response + EOS trained; keep the first --max-seq-len tokens, drop examples left with nothing to
 train), micro-batch, LoRA (r, alpha 2r, dropout 0, all-linear), constant lr, fp32 on CPU / bf16 on CUDA:
 
-  ours pack | pad     neftune_cli.train.run_training on a temp recipe (paper noise scale), timed from metrics.jsonl;
+  ours pack | pad     train.finetune.run_training on a temp recipe (paper noise scale), timed from metrics.jsonl;
                       attention sdpa (packed rows: a dense block-diagonal mask)
   ours pack-flex      (--flex, CUDA) the same packed batches with attn_implementation flex_attention
   trl  pad            SFTTrainer, pad to the longest of a random batch (TRL's default; HF noise scale)
@@ -63,8 +63,8 @@ def rate(marks: list[tuple[int, float, int]], warmup: int) -> dict:
 def child_ours(c: dict) -> dict:
     import yaml
 
-    from neftune_cli.recipe import load_recipe
-    from neftune_cli.train import run_training
+    from neftune_cli.recipe.schema import load_recipe
+    from neftune_cli.train.finetune import run_training
 
     run_dir = Path(c["workdir"]) / "run"
     batching = "pack" if c["batching"].startswith("pack") else "pad"
@@ -107,7 +107,7 @@ def child_trl(c: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(c["model"])
     dtype = torch.bfloat16 if cuda else torch.float32
     quantized = {}
-    if c["quantization"]:  # the same 4-bit base as ours (neftune_cli.quantization); TRL prepares it its own way
+    if c["quantization"]:  # the same 4-bit base as ours (neftune_cli.models.quantization); TRL prepares it its own way
         from transformers import BitsAndBytesConfig
 
         quantized = {"device_map": {"": 0 if cuda else "cpu"}, "quantization_config": BitsAndBytesConfig(
@@ -167,10 +167,10 @@ def child_trl(c: dict) -> dict:
 
 
 def mfu(tokens_per_s: float, flops_per_token: float) -> dict:
-    """MFU on a GPU whose peak neftune_cli.flops knows; nothing elsewhere."""
+    """MFU on a GPU whose peak neftune_cli.train.flops knows; nothing elsewhere."""
     import torch
 
-    from neftune_cli.flops import peak_flops
+    from neftune_cli.train.flops import peak_flops
 
     peak = peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None
     return {"mfu": tokens_per_s * flops_per_token / peak} if peak else {}
@@ -202,7 +202,7 @@ def build_random(shape: str, folder: Path) -> str:
     torch.cuda.empty_cache()
     source = SHARED / "tokenizers" / "llama2"
     if not source.is_dir():  # any tokenizer with ids < 32000 does for speed; the builtin one is always there
-        from neftune_cli.builtin import resolve
+        from neftune_cli.demo.builtin import resolve
 
         source = Path(resolve("builtin:tiny-llama"))
         print(f"note: no {SHARED / 'tokenizers/llama2'}; using the tokenizer of builtin:tiny-llama")
@@ -276,7 +276,7 @@ def main() -> None:
             print(f"building a random {args.model} model in {tmp} ...", flush=True)
             model = build_random(args.model, tmp / args.model)
         elif args.model.startswith("builtin:"):
-            from neftune_cli.builtin import resolve
+            from neftune_cli.demo.builtin import resolve
 
             model = resolve(args.model)  # its folder, as ours resolves it; TRL needs the folder
         else:
@@ -344,13 +344,13 @@ def main() -> None:
 
 
 def training_flops(model: str, lora_r: int, length: float) -> float:
-    """FLOPs per token of LoRA training on `model` (neftune_cli.flops), from a weightless copy: the same number
+    """FLOPs per token of LoRA training on `model` (neftune_cli.train.flops), from a weightless copy: the same number
     for every system."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from neftune_cli.flops import flops_per_token
+    from neftune_cli.train.flops import flops_per_token
 
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))

@@ -1,3 +1,3 @@
-from neftune_cli.cli import main
+from neftune_cli.cli.app import main
 
 main()

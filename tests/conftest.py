@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from neftune_cli import builtin
+from neftune_cli.demo import builtin
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def shared_data() -> Path:
 @pytest.fixture
 def cli(capsys):
     """Run the `neftune` entry point in-process: ``code, stdout, stderr = cli("validate", path)``."""
-    from neftune_cli.cli import main
+    from neftune_cli.cli.app import main
 
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()

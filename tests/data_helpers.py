@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from neftune_cli.recipe import Recipe, validate
+from neftune_cli.recipe.schema import Recipe, validate
 
 BOS, EOS, UNK, EOT = "<s>", "</s>", "<unk>", "<eot>"
 

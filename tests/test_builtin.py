@@ -1,4 +1,4 @@
-"""The builtin tiny model (neftune_cli.builtin) and the demo data (neftune_cli.demo_data)."""
+"""The builtin tiny model (neftune_cli.demo.builtin) and the demo data (neftune_cli.demo.tasks)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from neftune_cli import atomic, builtin, demo_data
 from neftune_cli.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
-from neftune_cli.errors import UsageError
+from neftune_cli.demo import builtin
+from neftune_cli.demo import tasks as demo_tasks
+from neftune_cli.io import atomic
+from neftune_cli.io.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "recipes" / "data"
@@ -25,7 +27,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 
 def all_demo_records() -> list[dict]:
-    return demo_data.train_records() + demo_data.eval_records()
+    return demo_tasks.train_records() + demo_tasks.eval_records()
 
 
 # ------------------------------------------------------------------------------------------- materialise
@@ -126,7 +128,7 @@ PINNED = ("74809d2f8f418b47", "7f64d5c3d318bf98")
 def test_fingerprint_is_pinned(tiny_model_dir):
     """Weights and vocabulary are exactly what v3 always was, on every machine.
 
-    If this fails after an intentional change (builtin.py or demo_data.py), bump builtin.VERSION (so old
+    If this fails after an intentional change (builtin.py or demo_tasks.py), bump builtin.VERSION (so old
     caches are not reused) and update the digests.
     """
     from safetensors import safe_open
@@ -225,50 +227,50 @@ def test_decode_round_trips_every_demo_text(tiny_tokenizer):
 
 
 def test_committed_demo_files_match_the_generator():
-    files = {demo_data.TRAIN_FILE: demo_data.train_records(), demo_data.EVAL_FILE: demo_data.eval_records()}
+    files = {demo_tasks.TRAIN_FILE: demo_tasks.train_records(), demo_tasks.EVAL_FILE: demo_tasks.eval_records()}
     for name, records in files.items():
         committed = (DATA_DIR / name).read_text(encoding="utf-8")
-        regenerate = "python -m neftune_cli.demo_data --out recipes/data"
-        assert committed == demo_data.to_jsonl(records), f"{name} drifted from the generator: {regenerate}"
-    assert len(demo_data.train_records()) == 1400 and len(demo_data.eval_records()) == 200
+        regenerate = "python -m neftune_cli.demo.tasks --out recipes/data"
+        assert committed == demo_tasks.to_jsonl(records), f"{name} drifted from the generator: {regenerate}"
+    assert len(demo_tasks.train_records()) == 1400 and len(demo_tasks.eval_records()) == 200
 
 
 def test_demo_main_writes_the_files(tmp_path, capsys):
-    assert demo_data.main(["--out", str(tmp_path)]) == 0
-    for name in (demo_data.TRAIN_FILE, demo_data.EVAL_FILE):
+    assert demo_tasks.main(["--out", str(tmp_path)]) == 0
+    for name in (demo_tasks.TRAIN_FILE, demo_tasks.EVAL_FILE):
         assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes()
 
 
 def test_eval_is_disjoint_from_train():
-    train = demo_data.train_records()
-    evals = demo_data.eval_records()
+    train = demo_tasks.train_records()
+    evals = demo_tasks.eval_records()
     train_keys = {(r["instruction"], r["input"]) for r in train}
     assert not [r for r in evals if (r["instruction"], r["input"]) in train_keys]
     # Not even the same problem (task + arguments) under another phrasing.
-    train_problems = {p for p, _ in demo_data.draw(demo_data.TRAIN_SIZE, demo_data.TRAIN_SEED, "train")}
-    eval_problems = {p for p, _ in demo_data.draw(demo_data.EVAL_SIZE, demo_data.EVAL_SEED, "eval")}
+    train_problems = {p for p, _ in demo_tasks.draw(demo_tasks.TRAIN_SIZE, demo_tasks.TRAIN_SEED, "train")}
+    eval_problems = {p for p, _ in demo_tasks.draw(demo_tasks.EVAL_SIZE, demo_tasks.EVAL_SEED, "eval")}
     assert train_problems.isdisjoint(eval_problems)
-    assert all(demo_data.split_of(p) == "eval" for p in eval_problems)
+    assert all(demo_tasks.split_of(p) == "eval" for p in eval_problems)
     assert len(train_keys) == len(train)  # no duplicates either
     assert len({(r["instruction"], r["input"]) for r in evals}) == len(evals)
 
 
 def test_generate_is_deterministic_and_well_formed():
-    a = demo_data.generate(300, seed=7)
-    assert a == demo_data.generate(300, seed=7)
-    assert a != demo_data.generate(300, seed=8)
+    a = demo_tasks.generate(300, seed=7)
+    assert a == demo_tasks.generate(300, seed=7)
+    assert a != demo_tasks.generate(300, seed=8)
     assert all(set(r) == {"instruction", "input", "output"} and all(isinstance(v, str) for v in r.values()) for r in a)
     assert all(r["instruction"] and r["output"] for r in a)
     assert any(r["input"] == "" for r in a) and any(r["input"] for r in a)
     with pytest.raises(ValueError):
-        demo_data.generate(1, seed=0, split="test")
+        demo_tasks.generate(1, seed=0, split="test")
 
 
 def test_demo_answers_are_correct():
     """Every record's output really answers its question (the model learns a real function)."""
     import re
 
-    sequences = [list(s) for s in demo_data.SEQUENCES]
+    sequences = [list(s) for s in demo_tasks.SEQUENCES]
     for r in all_demo_records():
         instr, inp, out = r["instruction"], r["input"], r["output"]
         low = instr.lower()
@@ -278,9 +280,9 @@ def test_demo_answers_are_correct():
         if "count" in low or "how many" in low or "number of words" in low:
             assert out == str(len(inp.split(", "))), r
         elif "opposite" in low or "antonym" in low:
-            assert demo_data.OPPOSITES[word] == out and demo_data.OPPOSITES[out] == word, r
+            assert demo_tasks.OPPOSITES[word] == out and demo_tasks.OPPOSITES[out] == word, r
         elif "kind of thing" in low or "group" in low or "categor" in low or "classify" in low:
-            assert word in demo_data.CATEGORIES[out], r
+            assert word in demo_tasks.CATEGORIES[out], r
         elif "after" in low or "follows" in low or "next" in low:
             (seq,) = [s for s in sequences if word in s]
             assert out == seq[(seq.index(word) + 1) % len(seq)], r
@@ -291,10 +293,10 @@ def test_demo_answers_are_correct():
 
 
 def test_demo_check_scores_each_task_and_shows_a_right_and_a_wrong_answer(tmp_path, capsys):
-    from neftune_cli import demo_check
+    from neftune_cli.demo import check as demo_check
 
     tasks, records = zip(*demo_check.eval_tasks(), strict=True)
-    assert len(records) == demo_data.EVAL_SIZE and set(tasks) == {"count", "category", "opposite", "add", "next"}
+    assert len(records) == demo_tasks.EVAL_SIZE and set(tasks) == {"count", "category", "opposite", "add", "next"}
     right = [k for k, task in enumerate(tasks) if task == "count"][:3]  # 3 count answers right, the rest wrong
     for name, answers in (("before", ["?"] * len(records)),
                           ("after", [r["output"] if k in right else "?" for k, r in enumerate(records)])):

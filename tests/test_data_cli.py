@@ -1,4 +1,4 @@
-"""``neftune data preview|stats|export``: through typer's CliRunner, and exit codes through ``neftune_cli.cli.main``."""
+"""``neftune data preview|stats|export``: through typer's CliRunner; exit codes through ``neftune_cli.cli.app.main``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import typer
 from data_helpers import write_jsonl
 from typer.testing import CliRunner
 
-from neftune_cli import console
+from neftune_cli.cli.data import app as data_app
 from neftune_cli.data import prepare
-from neftune_cli.data.cli import app as data_app
-from neftune_cli.modeling import load_tokenizer
-from neftune_cli.recipe import load_recipe
+from neftune_cli.io import console
+from neftune_cli.models.loading import load_tokenizer
+from neftune_cli.recipe.schema import load_recipe
 
 RECORDS = [
     {"instruction": "Reverse the word", "input": "apple", "output": "elppa"},
@@ -101,7 +101,7 @@ def test_export_writes_the_dataset_in_order(recipe_file, tmp_path):
     ],
 )
 def test_errors_exit_2_with_one_line(recipe_file, capsys, args, message):
-    from neftune_cli.cli import main
+    from neftune_cli.cli.app import main
 
     write_jsonl(recipe_file.parent / "bad.jsonl", [RECORDS[0], {"instruction": "x", "output": ""}])
     with pytest.raises(SystemExit) as exit_info:

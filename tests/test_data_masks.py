@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from neftune_cli.data import prompt_ids, stop_token_ids
 from neftune_cli.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, AlpacaTemplate
-from neftune_cli.errors import DataError
+from neftune_cli.io.errors import DataError
 
 # A word-friendly chat template: every token is a word, "<eot>" closes each turn, the generation prompt is the
 # assistant header alone (the assistant turn renders as that header + " " + content).

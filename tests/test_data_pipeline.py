@@ -9,7 +9,7 @@ from data_helpers import prepared, recipe, write_json, write_jsonl
 
 from neftune_cli.data import prepare
 from neftune_cli.data.cache import entry
-from neftune_cli.errors import DataError
+from neftune_cli.io.errors import DataError
 
 ALPACA = [{"instruction": f"Reverse {w}", "input": "", "output": w[::-1]} for w in ("apple", "river", "stone", "tiger")]
 SHAREGPT = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
@@ -193,7 +193,7 @@ def test_field_renames(tmp_path, tiny_tokenizer):
 
 
 def test_unknown_field_name_is_a_recipe_error():
-    from neftune_cli.errors import RecipeError
+    from neftune_cli.io.errors import RecipeError
 
     with pytest.raises(RecipeError, match="unknown field name answer; our names are instruction"):
         recipe([{"path": "org/x", "fields": {"answer": "output"}}])

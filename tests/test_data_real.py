@@ -14,7 +14,7 @@ import pytest
 from data_helpers import STANFORD_INPUT, STANFORD_NO_INPUT, chat_ids, recipe, trained_text
 
 from neftune_cli.data import prepare
-from neftune_cli.errors import DataError
+from neftune_cli.io.errors import DataError
 
 TOKENIZERS = ["llama2", "mistral_v1"]
 TEMPLATES = ["chatml", "llama-2-chat", "zephyr", "mistral-instruct", "alpaca"]

@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neftune_cli import demo_data, distributed
-from neftune_cli.errors import UsageError
+from neftune_cli.demo import tasks as demo_tasks
+from neftune_cli.io.errors import UsageError
+from neftune_cli.train import parallel
 
 RECIPE = """\
 model: {{name_or_path: "builtin:tiny-llama"}}
@@ -35,8 +36,8 @@ output: {{dir: {out}}}
 @pytest.fixture
 def work(tmp_path, tiny_model_dir):
     # 44 examples: 11 micro-batches of 4, so the last step of the epoch has 1 and one rank must stand by
-    (tmp_path / "train.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(44, seed=3)))
-    (tmp_path / "eval.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(8, seed=4, split="eval")))
+    (tmp_path / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(44, seed=3)))
+    (tmp_path / "eval.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(8, seed=4, split="eval")))
     return tmp_path
 
 
@@ -146,17 +147,17 @@ def test_resume_on_another_number_of_processes_is_refused(cli, work):
 
 
 def test_the_global_batch_must_divide_among_the_processes():
-    distributed.check_batch(4, 8, distributed.Dist(0, 2, 0))
+    parallel.check_batch(4, 8, parallel.Dist(0, 2, 0))
     with pytest.raises(UsageError, match="train.grad_accum 3 does not divide among 2 processes"):
-        distributed.check_batch(3, 8, distributed.Dist(0, 2, 0))
+        parallel.check_batch(3, 8, parallel.Dist(0, 2, 0))
 
 
 def test_each_rank_takes_its_share_of_a_step():
     step = [[0, 1], [2, 3], [4, 5], [6, 7]]
-    shares = [distributed.my_share(step, distributed.Dist(r, 2, r)) for r in range(2)]
+    shares = [parallel.my_share(step, parallel.Dist(r, 2, r)) for r in range(2)]
     assert shares == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
     assert sorted(sum(shares, [])) == step
-    assert distributed.my_share(step, distributed.SINGLE) == step
+    assert parallel.my_share(step, parallel.SINGLE) == step
 
 
 def test_nproc_runs_torchrun(work):

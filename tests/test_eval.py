@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from neftune_cli import demo_data
-from neftune_cli.answers import answer_stats, diversity, repetition
-from neftune_cli.compare import compare_rows
-from neftune_cli.errors import UsageError
-from neftune_cli.eval_loss import heldout_loss
-from neftune_cli.inference import resolve
+from neftune_cli.analysis.answers import answer_stats, diversity, repetition
+from neftune_cli.analysis.compare import compare_rows
+from neftune_cli.demo import tasks as demo_tasks
+from neftune_cli.infer.eval_loss import heldout_loss
+from neftune_cli.infer.target import resolve
+from neftune_cli.io.errors import UsageError
 
 RECIPE = """\
 model:
@@ -49,12 +49,12 @@ output:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
     """A 6-step LoRA run with NEFTune noise and an eval every 2 steps."""
-    from neftune_cli.recipe import load_recipe
-    from neftune_cli.train import run_training
+    from neftune_cli.recipe.schema import load_recipe
+    from neftune_cli.train.finetune import run_training
 
     folder = tmp_path_factory.mktemp("eval-run")
-    (folder / "train.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(48, seed=3)))
-    (folder / "eval.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(10, seed=4, split="eval")))
+    (folder / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(48, seed=3)))
+    (folder / "eval.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(10, seed=4, split="eval")))
     (folder / "r.yaml").write_text(RECIPE.format(out=folder / "run"))
     run_training(load_recipe(folder / "r.yaml"))
     return folder / "run"
@@ -170,7 +170,7 @@ def test_a_merged_run_answers_like_the_run(run, tmp_path):
     Alpaca prompt itself, so records with an input get the "### Input:" prompt the run was trained on."""
     import torch
 
-    from neftune_cli.generate import Settings, generate, read_prompts, stops_for
+    from neftune_cli.infer.generate import Settings, generate, read_prompts, stops_for
     from neftune_cli.merge import merge
 
     merged = merge(run, tmp_path / "merged", log=lambda _: None).out

@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neftune_cli import demo_data
-from neftune_cli.loss import CausalLMLoss
+from neftune_cli.demo import tasks as demo_tasks
+from neftune_cli.train.step import CausalLMLoss
 
 RECIPE = """\
 model:
@@ -46,7 +46,7 @@ output:
 
 @pytest.fixture
 def work(tmp_path, tiny_model_dir):
-    (tmp_path / "train.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(24, seed=3)))
+    (tmp_path / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(24, seed=3)))
     return tmp_path
 
 
@@ -209,7 +209,7 @@ def test_nan_gradients_with_a_finite_loss(cli, work, monkeypatch):
 
 
 def test_non_finite_metrics_are_written_as_null(tmp_path):
-    from neftune_cli.metrics import MetricsLog
+    from neftune_cli.train.metrics import MetricsLog
 
     log = MetricsLog(tmp_path, report_to=[])
     log.write({"step": 1, "eval_loss": float("inf"), "loss": float("nan"), "lr": 0.1})
@@ -394,7 +394,7 @@ def test_damaged_data_cache_is_rebuilt(cli, work, neftune_cache):
 
 
 def test_disk_full_while_saving_a_checkpoint(cli, work, monkeypatch):
-    import neftune_cli.checkpoint as checkpoint
+    import neftune_cli.train.checkpoint as checkpoint
 
     original = checkpoint.save_model
 

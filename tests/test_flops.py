@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from neftune_cli.flops import PEAK_BF16, flops_per_token, peak_flops
-from neftune_cli.loss import CausalLMLoss
+from neftune_cli.train.flops import PEAK_BF16, flops_per_token, peak_flops
+from neftune_cli.train.step import CausalLMLoss
 
 
 @pytest.mark.parametrize("lora", [True, False])
@@ -36,7 +36,7 @@ def test_no_mfu_without_a_known_gpu():
 
 def test_a_4bit_weight_counts_its_real_parameters():
     bnb = pytest.importorskip("bitsandbytes")
-    from neftune_cli.flops import numel
+    from neftune_cli.train.flops import numel
 
     layer = bnb.nn.Linear4bit(128, 64, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4")

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from neftune_cli import generate as gen
 from neftune_cli.data import prepare
-from neftune_cli.errors import Interrupted
-from neftune_cli.generate import Settings, Stops, read_prompts, stops_for
-from neftune_cli.inference import Target, plain_data_section, resolve
-from neftune_cli.recipe import Recipe
+from neftune_cli.infer import generate as gen
+from neftune_cli.infer.generate import Settings, Stops, read_prompts, stops_for
+from neftune_cli.infer.target import Target, plain_data_section, resolve
+from neftune_cli.io.errors import Interrupted
+from neftune_cli.recipe.schema import Recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import neftune_cli.merge.write as merge_write
-from neftune_cli import safetensors_io as st
-from neftune_cli.errors import RuntimeFailure, UsageError
+from neftune_cli.io import safetensors_io as st
+from neftune_cli.io.errors import RuntimeFailure, UsageError
 from neftune_cli.merge import MergeResult, merge, parse_size
 from neftune_cli.merge.common import _TORCH_TO_ST
 
@@ -741,9 +741,9 @@ def test_shard_writer_is_byte_identical_to_save_file(tmp_path):
 
 def test_a_trained_run_merges_through_the_cli(cli, tmp_path, tiny_model_dir):
     """`neftune train` then `neftune merge RUN`: the merged model gives the adapter model's logits."""
-    from neftune_cli import demo_data
+    from neftune_cli.demo import tasks as demo_tasks
 
-    (tmp_path / "train.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(32, seed=7)))
+    (tmp_path / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(32, seed=7)))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"""\
 model: {{name_or_path: builtin:tiny-llama}}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_merge import make_adapter, make_base
 
-from neftune_cli import safetensors_io as st
+from neftune_cli.io import safetensors_io as st
 from neftune_cli.merge.base import _same_base
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -142,7 +142,7 @@ def test_kill_9_leftover_is_removed_by_the_next_merge_but_not_a_live_one(llama, 
 
 
 def test_pause_hook_is_inert_unless_named(monkeypatch, tmp_path):
-    from neftune_cli import faults
+    from neftune_cli.io import faults
 
     ready = tmp_path / "ready"
     monkeypatch.setenv("NEFTUNE_TEST_PAUSE_AT", "train-step")

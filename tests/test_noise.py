@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neftune_cli.noise import add_noise, example_lengths, noise_norms
+from neftune_cli.train.noise import add_noise, example_lengths, noise_norms
 
-# Examples are described independently of neftune_cli.noise, as (row, positions of its real tokens), so the
+# Examples are described independently of neftune_cli.train.noise, as (row, positions of its real tokens), so the
 # statistics below do not rely on the segmentation they are testing.
 
 

@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
-from neftune_cli import demo_data
-from neftune_cli.batching import StepPlan, plan_epoch
+from neftune_cli.data.batching import StepPlan, plan_epoch
+from neftune_cli.demo import tasks as demo_tasks
 
 LENGTHS = [random.Random(0).randint(5, 120) for _ in range(500)]
 
@@ -66,7 +66,7 @@ def records(run) -> list[dict]:
 
 
 def test_training_with_a_token_budget_resumes_exactly_mid_epoch(cli, tmp_path, tiny_model_dir, monkeypatch):
-    (tmp_path / "train.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(40, seed=3)))
+    (tmp_path / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(40, seed=3)))
     for name in ("full", "cut"):
         (tmp_path / f"{name}.yaml").write_text(RECIPE.format(out=json.dumps(str(tmp_path / name))))
     assert cli("train", tmp_path / "full.yaml")[0] == 0
@@ -74,7 +74,7 @@ def test_training_with_a_token_budget_resumes_exactly_mid_epoch(cli, tmp_path, t
     tokens = [r["tokens"] for r in full]
     assert max(tokens) <= 2 * 300 and len(set(tokens)) > 1  # 2 micro-batches of at most 300 tokens each
 
-    import neftune_cli.train as train_module
+    import neftune_cli.train.finetune as train_module
 
     original = train_module.write_metrics
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from neftune_cli.data import prepare, prompt_ids, stop_token_ids
 from neftune_cli.data.templates import AlpacaTemplate, alpaca_jinja
-from neftune_cli.tokenizer_files import tokenizer_files
+from neftune_cli.models.serving_files import tokenizer_files
 
 TEMPLATES = ["chatml", "llama-2-chat", "zephyr", "mistral-instruct", "alpaca"]
 CHECKED = 25  # conversations / records checked turn by turn per combination
@@ -301,9 +301,9 @@ def test_another_transformers_version_reads_the_same_folders(tmp_path, tiny_mode
 def test_a_run_and_its_merge_hand_on_the_training_template(cli, tmp_path, tiny_model_dir, tiny_tokenizer):
     from transformers import GenerationConfig
 
-    from neftune_cli import demo_data
+    from neftune_cli.demo import tasks as demo_tasks
 
-    (tmp_path / "train.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(16, seed=7)))
+    (tmp_path / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(16, seed=7)))
     (tmp_path / "r.yaml").write_text(f"""\
 model: {{name_or_path: builtin:tiny-llama}}
 data: {{sources: [{{path: train.jsonl}}], template: chat, max_seq_len: 128}}

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from test_merge import assert_bitwise_equal_to_peft, probe
 from test_train import make_recipe, metrics, workdir  # noqa: F401 - workdir is a fixture
 
-from neftune_cli import demo_data
-from neftune_cli.loss import CausalLMLoss, attention_stays_within_examples
-from neftune_cli.memory import quantized_bytes_per_weight
-from neftune_cli.modeling import load_model
-from neftune_cli.recipe import load_recipe
+from neftune_cli.demo import tasks as demo_tasks
+from neftune_cli.models.loading import load_model
+from neftune_cli.recipe.memory import quantized_bytes_per_weight
+from neftune_cli.recipe.schema import load_recipe
+from neftune_cli.train.step import CausalLMLoss, attention_stays_within_examples
 
 QLORA = ["--set", "model.quantization=nf4", "--set", "train.max_steps=2", "--set", "train.save_every=1",
          "--set", "data.eval_sources=[]", "--set", "train.grad_accum=1", "--set", "train.micro_batch_size=2"]
@@ -31,10 +31,10 @@ def needs_bitsandbytes():
 def qlora_run(tmp_path_factory, tiny_model_dir):
     """One 2-step NF4 run with a checkpoint per step, trained once for the module: (recipe, run dir)."""
     needs_bitsandbytes()
-    from neftune_cli.cli import main
+    from neftune_cli.cli.app import main
 
     folder = tmp_path_factory.mktemp("qlora")
-    (folder / "train.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(48, seed=3)))
+    (folder / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(48, seed=3)))
     (folder / "eval.jsonl").write_text("")  # the recipe names it; QLORA trains without eval
     recipe = make_recipe(folder)
     with pytest.raises(SystemExit) as exit_info:

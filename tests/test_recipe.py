@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neftune_cli.recipe import Recipe, load_recipe, recipe_to_yaml
+from neftune_cli.recipe.schema import Recipe, load_recipe, recipe_to_yaml
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -153,11 +153,11 @@ def test_missing_recipe_file(cli, tmp_path):
 
 
 def test_readme_recipe_reference_matches_the_schema():
-    from neftune_cli.recipe import reference_markdown
+    from neftune_cli.recipe.schema import reference_markdown
 
     readme = (RECIPES.parent / "README.md").read_text()
     block = readme.split("<!-- recipe-reference:start -->\n")[1].split("<!-- recipe-reference:end -->")[0]
-    assert block == reference_markdown(), "regenerate the README's recipe reference from neftune_cli.recipe"
+    assert block == reference_markdown(), "regenerate the README's recipe reference from neftune_cli.recipe.schema"
 
 
 def test_validate_warns_about_hf_noise_under_packing(cli, recipe_dir):

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neftune_cli import builtin, demo_data
-from neftune_cli.batching import IGNORE, batch_builder, collate_pack, collate_pad, plan_epoch
-from neftune_cli.loss import CausalLMLoss, attention_stays_within_examples
+from neftune_cli.data.batching import IGNORE, batch_builder, collate_pack, collate_pad, plan_epoch
+from neftune_cli.demo import builtin
+from neftune_cli.demo import tasks as demo_tasks
+from neftune_cli.train.step import CausalLMLoss, attention_stays_within_examples
 
 RECIPE = """\
 model:
@@ -50,8 +51,8 @@ output:
 
 @pytest.fixture
 def workdir(tmp_path, tiny_model_dir):
-    (tmp_path / "train.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(48, seed=3)))
-    (tmp_path / "eval.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(8, seed=4, split="eval")))
+    (tmp_path / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(48, seed=3)))
+    (tmp_path / "eval.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(8, seed=4, split="eval")))
     return tmp_path
 
 
@@ -287,7 +288,7 @@ def test_accumulation_matches_one_big_micro_batch(cli, workdir):
 
 def stop_after(monkeypatch, step: int, signum=signal.SIGTERM):
     """Deliver `signum` to ourselves while step `step` is being recorded (as a scheduler would)."""
-    import neftune_cli.train as train_module
+    import neftune_cli.train.finetune as train_module
 
     original = train_module.write_metrics
 
@@ -374,7 +375,7 @@ def test_resume_refuses_a_changed_recipe(cli, workdir, monkeypatch):
     monkeypatch.undo()
     code, _, err = cli("train", str(recipe), "--resume", "--set", "train.lr=1e-4")
     assert code == 2 and "train.lr: 0.003 -> 0.0001" in err and "--force" in err
-    (workdir / "train.jsonl").write_text(demo_data.to_jsonl(demo_data.generate(48, seed=5)))
+    (workdir / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(48, seed=5)))
     code, _, err = cli("train", str(recipe), "--resume")
     assert code == 2 and "the data changed" in err
     code, _, err = cli("train", str(recipe), "--resume", "--force", "--set", "train.log_every=3")

@@ -16,13 +16,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from neftune_cli.atomic import atomic_dir, clean_stale
-from neftune_cli.builtin import cache_root
 from neftune_cli.data.report import Report
 from neftune_cli.data.sources import Source
 from neftune_cli.data.tokenize import Encoder
-from neftune_cli.errors import first_line
-from neftune_cli.recipe import DataSection, stable_hash
+from neftune_cli.demo.builtin import cache_root
+from neftune_cli.io.atomic import atomic_dir, clean_stale
+from neftune_cli.io.errors import first_line
+from neftune_cli.recipe.schema import DataSection, stable_hash
 
 # Bump when tokenization, masking or the report format changes: old entries then stop matching.
 PIPELINE_VERSION = 2

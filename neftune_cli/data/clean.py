@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neftune_cli.atomic import TMP_PREFIX, atomic_file
 from neftune_cli.data.filters import FILTERS, Rules, View
 from neftune_cli.data.formats import BadRecord, EmptyText, Fields, OneSided, detect, parse
 from neftune_cli.data.rouge import near_duplicates
 from neftune_cli.data.sources import EXTENSIONS, Source
-from neftune_cli.errors import DataError, UsageError
-from neftune_cli.recipe import SourceSection
+from neftune_cli.io.atomic import TMP_PREFIX, atomic_file
+from neftune_cli.io.errors import DataError, UsageError
+from neftune_cli.recipe.schema import SourceSection
 
 EXAMPLES = 5  # examples per filter in the report
 SHOWN_CHARS = 200  # of a record's text in an example

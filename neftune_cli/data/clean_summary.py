@@ -9,7 +9,7 @@ import time
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from neftune_cli import console
+from neftune_cli.io import console
 
 LONG_RUN = 10_000  # records: fewer finish before a bar would be worth drawing
 

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from neftune_cli import console
 from neftune_cli.data import cache
 from neftune_cli.data.formats import BadRecord, Fields, detect, parse
 from neftune_cli.data.report import MAX_REASONS, Report, SourceReport, SplitReport
@@ -21,8 +20,9 @@ from neftune_cli.data.sampling import hold_out, resample
 from neftune_cli.data.sources import Source
 from neftune_cli.data.templates import end_of_turn, make_template, probe
 from neftune_cli.data.tokenize import BAD, OVERLENGTH, TRUNCATED, UNTRAINED, Encoder, Tokenize, features
-from neftune_cli.errors import DataError
-from neftune_cli.recipe import DataSection, Recipe
+from neftune_cli.io import console
+from neftune_cli.io.errors import DataError
+from neftune_cli.recipe.schema import DataSection, Recipe
 
 if TYPE_CHECKING:
     import datasets

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 
-from neftune_cli.errors import DataError
-from neftune_cli.recipe import DataSection
+from neftune_cli.io.errors import DataError
+from neftune_cli.recipe.schema import DataSection
 
 
 def hold_out(indices: list[int], data: DataSection, seed: int) -> tuple[list[int], list[int]]:

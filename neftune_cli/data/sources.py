@@ -18,8 +18,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from neftune_cli.errors import DataError, first_line
-from neftune_cli.recipe import SourceSection
+from neftune_cli.io.errors import DataError, first_line
+from neftune_cli.recipe.schema import SourceSection
 
 EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
 # Files larger than this are identified by size and mtime instead of a content hash (hashing would dominate).

@@ -32,8 +32,8 @@ from neftune_cli.data.formats import (
     is_conversation,
     turn_name,
 )
-from neftune_cli.errors import DataError, first_line
-from neftune_cli.recipe import DataSection, jinja_syntax_error
+from neftune_cli.io.errors import DataError, first_line
+from neftune_cli.recipe.schema import DataSection, jinja_syntax_error
 
 # Stanford Alpaca (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), verbatim.
 ALPACA_PROMPT_INPUT = (

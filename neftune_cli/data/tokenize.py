@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 from neftune_cli.data.formats import BadRecord
 from neftune_cli.data.templates import Rendered, Template, adds_bos
-from neftune_cli.errors import DataError
+from neftune_cli.io.errors import DataError
 
 IGNORE = -100
 

@@ -40,8 +40,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from neftune_cli.atomic import atomic_dir
-from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RuntimeFailure, UsageError
+from neftune_cli.io.atomic import atomic_dir
+from neftune_cli.io.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RuntimeFailure, UsageError
 from neftune_cli.merge.adapter import _read_adapter, _resolve_adapter_dir
 from neftune_cli.merge.base import _BaseCheckpoint, _resolve_base, _same_base
 from neftune_cli.merge.common import ADAPTER_CONFIG, _fmt_bytes, _parse_dtype

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from neftune_cli import safetensors_io as st
-from neftune_cli.errors import UsageError, first_line
+from neftune_cli.io import safetensors_io as st
+from neftune_cli.io.errors import UsageError, first_line
 from neftune_cli.merge.common import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # LoraConfig fields whose non-default value means the adapter is not a plain (mergeable) LoRA.
@@ -50,7 +50,7 @@ _RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "neftune-run.json")  # what only
 
 def _refuse_unfinished_run(run: Path) -> None:
     """A training run dir without final/ (stopped early, or still training): point at its latest checkpoint."""
-    from neftune_cli.checkpoint import RunDir
+    from neftune_cli.train.checkpoint import RunDir
 
     rd = RunDir(run)
     if not any((run / name).exists() for name in _RUN_ENTRIES):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from neftune_cli import safetensors_io as st
-from neftune_cli.errors import UsageError
+from neftune_cli.io import safetensors_io as st
+from neftune_cli.io.errors import UsageError
 from neftune_cli.merge.common import (
     _IN_EMBEDDING_SUFFIXES,
     _OUT_DTYPES,

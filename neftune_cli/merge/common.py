@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from neftune_cli.errors import UsageError
+from neftune_cli.io.errors import UsageError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

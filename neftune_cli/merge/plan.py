@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neftune_cli import safetensors_io as st
-from neftune_cli.errors import UsageError
+from neftune_cli.io import safetensors_io as st
+from neftune_cli.io.errors import UsageError
 from neftune_cli.merge.adapter import _AdapterState, _LoraModule, _parse_adapter_keys, _pattern_value, _Replacement
 from neftune_cli.merge.base import _auto_dtype, _BaseCheckpoint, _module_kinds, _output_embedding_name
 from neftune_cli.merge.common import (

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from neftune_cli.checkpoint import META_FILE
-from neftune_cli.errors import UsageError, first_line
+from neftune_cli.io.errors import UsageError, first_line
 from neftune_cli.merge.verify import _probe_ids, _quiet
-from neftune_cli.recipe import ModelSection
+from neftune_cli.recipe.schema import ModelSection
+from neftune_cli.train.checkpoint import META_FILE
 
 
 def trained_quantization(adapter_dir: Path) -> ModelSection | None:
@@ -41,8 +41,8 @@ def quantization_gap(spec: ModelSection, base_dir: Path, adapter_dir: Path, merg
                      device: str) -> str:
     """One information line: max |logit diff| on the verification probe between the merged model and the adapter
     on the base quantized as in training (with the training's compute dtype)."""
-    from neftune_cli.modeling import resolve_dtype
-    from neftune_cli.quantization import bnb_config, keep_cpu_layout
+    from neftune_cli.models.loading import resolve_dtype
+    from neftune_cli.models.quantization import bnb_config, keep_cpu_layout
 
     what = f"{spec.quantization}{' + double quant' if spec.double_quant else ''}"
     try:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from neftune_cli.errors import RuntimeFailure, UsageError, first_line
+from neftune_cli.io.errors import RuntimeFailure, UsageError, first_line
 
 if TYPE_CHECKING:
     from neftune_cli.merge.plan import _Plan

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from neftune_cli import faults
-from neftune_cli import safetensors_io as st
-from neftune_cli.atomic import STALE_S, TMP_PREFIX
-from neftune_cli.errors import RuntimeFailure, UsageError
+from neftune_cli.io import faults
+from neftune_cli.io import safetensors_io as st
+from neftune_cli.io.atomic import STALE_S, TMP_PREFIX
+from neftune_cli.io.errors import RuntimeFailure, UsageError
 from neftune_cli.merge.common import (
     _FLOAT_ST,
     SAFE_INDEX,
@@ -29,7 +29,7 @@ from neftune_cli.merge.common import (
     TOKENIZER_MARKERS,
     _fmt_bytes,
 )
-from neftune_cli.tokenizer_files import CONFIG, GENERATION, loadable_config
+from neftune_cli.models.serving_files import CONFIG, GENERATION, loadable_config
 
 if TYPE_CHECKING:
     from neftune_cli.merge.adapter import _LoraModule

@@ -14,8 +14,8 @@ import logging
 
 import torch
 
-from neftune_cli.errors import UsageError
-from neftune_cli.recipe import ModelSection
+from neftune_cli.io.errors import UsageError
+from neftune_cli.recipe.schema import ModelSection
 
 INSTALL_HINT = "pip install neftune-cli[qlora]"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from neftune_cli import builtin
-from neftune_cli.errors import UsageError
-from neftune_cli.quantization import bnb_config, keep_cpu_layout
-from neftune_cli.recipe import ModelSection, Recipe
+from neftune_cli.demo import builtin
+from neftune_cli.io.errors import UsageError
+from neftune_cli.models.quantization import bnb_config, keep_cpu_layout
+from neftune_cli.recipe.schema import ModelSection, Recipe
 
 
 def model_path(model: ModelSection) -> str:

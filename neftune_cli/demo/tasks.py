@@ -10,10 +10,10 @@ Records are Alpaca records ``{"instruction", "input", "output"}``. ``generate(n,
 deterministic (``random.Random(seed)`` only). Every problem (task + its arguments + the phrasing) belongs to
 exactly one split by a stable hash, so the eval records are disjoint from the training ones by construction:
 an eval list to count is a new list, and an eval fact (the opposite of "hot") is asked in a phrasing the
-model never saw it in. ``python -m neftune_cli.demo_data --out recipes/data`` writes the committed files
+model never saw it in. ``python -m neftune_cli.demo.tasks --out recipes/data`` writes the committed files
 ``demo.jsonl`` (1400 train records, seed 0) and ``demo_eval.jsonl`` (200 eval records, seed 1).
 
-The builtin tokenizer (``neftune_cli.builtin``) is trained on ``generate(TRAIN_SIZE, TRAIN_SEED)``: changing
+The builtin tokenizer (``neftune_cli.demo.builtin``) is trained on ``generate(TRAIN_SIZE, TRAIN_SEED)``: changing
 anything here changes that tokenizer, so bump ``builtin.VERSION`` too.
 """
 
@@ -175,7 +175,7 @@ def write(out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m neftune_cli.demo_data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m neftune_cli.demo.tasks", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("recipes/data"), help="folder for the two files")
     args = parser.parse_args(argv)
     for path in write(args.out):

@@ -1,7 +1,7 @@
 """Builtin models, built locally: no hub, no internet (``model.name_or_path: builtin:tiny-llama``).
 
 ``builtin:tiny-llama`` is a ~1M-parameter Llama with a byte-level BPE tokenizer trained on the demo data
-(``neftune_cli.demo_data``) and the Alpaca prompt strings. It exists so ``make demo`` and the tests run a
+(``neftune_cli.demo.tasks``) and the Alpaca prompt strings. It exists so ``make demo`` and the tests run a
 real fine-tuning job in about a minute on a small CPU.
 
 The model is materialised into ``$NEFTUNE_CACHE`` (default ``~/.cache/neftune-cli``) under
@@ -14,7 +14,7 @@ The model is materialised into ``$NEFTUNE_CACHE`` (default ``~/.cache/neftune-cl
 - deterministic: the same bytes every time. The tokenizer trainer is deterministic, and the weights do not
   come from torch's RNG (whose normal() differs between CPU kernels): each tensor is filled from SHAKE-256
   of its name, turned into uniform values with exact IEEE operations only. Bump ``VERSION`` whenever
-  anything that changes the bytes changes (this module or ``demo_data``);
+  anything that changes the bytes changes (this module or ``demo.tasks``);
 - loadable by transformers 4.x and 5.x alike: the tokenizer files are written here, not by ``save_pretrained``
   (transformers 5 writes a tokenizer class 4.x does not know).
 
@@ -30,8 +30,8 @@ import json
 import os
 from pathlib import Path
 
-from neftune_cli.atomic import atomic_dir, clean_stale
-from neftune_cli.errors import UsageError
+from neftune_cli.io.atomic import atomic_dir, clean_stale
+from neftune_cli.io.errors import UsageError
 
 PREFIX = "builtin:"
 VERSION = 3  # v3: the demo tasks changed (so the tokenizer) and embeddings start at std 0.08
@@ -113,9 +113,9 @@ def materialize(name: str, root: Path | None = None) -> Path:
 
 def tokenizer_corpus() -> list[str]:
     """The texts the tokenizer is trained on: the demo records in the Alpaca prompt, and the template strings."""
-    from neftune_cli import demo_data
     from neftune_cli.data.templates import ALPACA_PROMPT_INPUT as PROMPT_INPUT
     from neftune_cli.data.templates import ALPACA_PROMPT_NO_INPUT as PROMPT_NO_INPUT
+    from neftune_cli.demo import tasks as demo_tasks
 
     texts = [
         PROMPT_INPUT,
@@ -125,7 +125,7 @@ def tokenizer_corpus() -> list[str]:
         "### Response:\n",
         "system\nuser\nassistant\n",
     ]
-    for r in demo_data.train_records():
+    for r in demo_tasks.train_records():
         template = PROMPT_INPUT if r["input"] else PROMPT_NO_INPUT
         texts.append(template.format(**r) + r["output"])
     return texts
@@ -138,7 +138,7 @@ def _build(name: str, out: Path) -> None:
     _save_tokenizer(_train_tokenizer(spec["vocab_target"]), out)
     _build_model(spec, AutoTokenizer.from_pretrained(out), out)  # the tokenizer as users load it
     # Last: the marker says the folder is complete. Deterministic content (no timestamps).
-    info = {"name": name, "version": VERSION, "source": "neftune_cli.builtin"}
+    info = {"name": name, "version": VERSION, "source": "neftune_cli.demo.builtin"}
     (out / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

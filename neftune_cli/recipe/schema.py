@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from neftune_cli.errors import RecipeError
+from neftune_cli.io.errors import RecipeError
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -318,7 +318,7 @@ def warnings_for(recipe: Recipe) -> list[str]:
 
 def _position_limit(name_or_path: str) -> int | None:
     """max_position_embeddings from a config we can read without a download (local, builtin or hub cache)."""
-    from neftune_cli import builtin
+    from neftune_cli.demo import builtin
 
     if name_or_path.startswith(BUILTIN_PREFIX):
         spec = builtin.MODELS.get(name_or_path[len(BUILTIN_PREFIX):])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from neftune_cli.recipe import BUILTIN_PREFIX, LoraSection, ModelSection
+from neftune_cli.recipe.schema import BUILTIN_PREFIX, LoraSection, ModelSection
 
 # bitsandbytes' 4-bit layout (the QLoRA paper's): 64 weights share one scale; with double quantization the scales
 # are 8-bit, 256 of them sharing one float32 scale (4.127 bits per weight instead of 4.5).
@@ -81,7 +81,7 @@ def local_config(spec: ModelSection):
     from huggingface_hub import try_to_load_from_cache
     from transformers import AutoConfig
 
-    from neftune_cli import builtin
+    from neftune_cli.demo import builtin
 
     name = spec.name_or_path
     folder = Path(builtin.resolve(name)) if name.startswith(BUILTIN_PREFIX) else Path(name)

@@ -18,10 +18,18 @@ from pathlib import Path
 
 import torch
 
-from neftune_cli import __version__, distributed, faults
-from neftune_cli.atomic import atomic_dir, atomic_file
-from neftune_cli.batching import StepPlan, batch_builder
-from neftune_cli.checkpoint import (
+from neftune_cli import __version__
+from neftune_cli.data import PreparedData, prepare
+from neftune_cli.data.batching import StepPlan, batch_builder
+from neftune_cli.io import faults
+from neftune_cli.io.atomic import atomic_dir, atomic_file
+from neftune_cli.io.console import log, out, stdout_is_tty
+from neftune_cli.io.errors import EXIT_SIGINT, EXIT_SIGTERM, OOM_HINT, Interrupted, RuntimeFailure, UsageError
+from neftune_cli.models.loading import load_model, load_tokenizer, model_path
+from neftune_cli.models.serving_files import TokenizerFiles, tokenizer_files
+from neftune_cli.recipe.schema import LoadedRecipe, Recipe, recipe_to_yaml
+from neftune_cli.train import parallel
+from neftune_cli.train.checkpoint import (
     Checkpoint,
     RunDir,
     latest_intact_checkpoint,
@@ -29,16 +37,10 @@ from neftune_cli.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from neftune_cli.console import log, out, stdout_is_tty
-from neftune_cli.data import PreparedData, prepare
-from neftune_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, OOM_HINT, Interrupted, RuntimeFailure, UsageError
-from neftune_cli.flops import flops_per_token, numel, peak_flops
-from neftune_cli.loss import CausalLMLoss, attention_stays_within_examples
-from neftune_cli.metrics import MetricsLog, summary_writer_class
-from neftune_cli.modeling import load_model, load_tokenizer, model_path
-from neftune_cli.progress import Progress
-from neftune_cli.recipe import LoadedRecipe, Recipe, recipe_to_yaml
-from neftune_cli.tokenizer_files import TokenizerFiles, tokenizer_files
+from neftune_cli.train.flops import flops_per_token, numel, peak_flops
+from neftune_cli.train.metrics import MetricsLog, summary_writer_class
+from neftune_cli.train.progress import Progress
+from neftune_cli.train.step import CausalLMLoss, attention_stays_within_examples
 
 # Keys that may change between a run and its resume without changing the result.
 RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.report_to")
@@ -75,14 +77,14 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
     Returns the final summary (also printed)."""
     if "tensorboard" in loaded.recipe.train.report_to:
         summary_writer_class()  # a missing extra fails now, not after tokenizing and loading the model
-    d = distributed.init(loaded.recipe.train.distributed)
+    d = parallel.init(loaded.recipe.train.distributed)
     run = RunDir(Path(loaded.recipe.output.dir))
     try:
         if loaded.recipe.model.attn_implementation == "flex_attention" and d.device.type != "cuda":
             raise UsageError("model.attn_implementation: flex_attention trains on CUDA only (PyTorch has no "
                              "FlexAttention backward on a CPU); use sdpa")
         with run.locked() if d.main else nullcontext():
-            with distributed.main_first(d):  # the others read what rank 0 cleaned up and tokenized
+            with parallel.main_first(d):  # the others read what rank 0 cleaned up and tokenized
                 if d.main:
                     run.prepare(resume=resume, overwrite=overwrite)
                 resume_from = latest_intact_checkpoint(run) if resume else None
@@ -90,15 +92,15 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
                 data = prepare(loaded.recipe, tokenizer, log=log)
             return _train(loaded, run, d, tokenizer, data, resume_from, force=force, resume_command=resume_command)
     finally:
-        distributed.shutdown(d)
+        parallel.shutdown(d)
 
 
-def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, data: PreparedData,
+def _train(loaded: LoadedRecipe, run: RunDir, d: parallel.Dist, tokenizer, data: PreparedData,
            resume_from: Checkpoint | None, *, force: bool, resume_command: str) -> dict:
     recipe = loaded.recipe
     t = recipe.train
     device = d.device
-    distributed.check_batch(t.grad_accum, t.micro_batch_size, d)
+    parallel.check_batch(t.grad_accum, t.micro_batch_size, d)
     seed_everything(t.seed)  # the same initial weights (LoRA's A) on every rank: FSDP does not broadcast them
     for warning in loaded.warnings():
         log(f"warning: {warning}")
@@ -132,7 +134,7 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
                          f"flash_attention_2 or flex_attention")
     peak = peak_flops(device)
     token_flops = flops_per_token(model, sum(lengths) / max(len(lengths), 1)) if peak else None
-    step_forward = distributed.wrap(trainer, d)
+    step_forward = parallel.wrap(trainer, d)
     if d.rank:
         seed_everything(t.seed + d.rank)  # from here each rank its own dropout stream
     params = [p for p in model.parameters() if p.requires_grad]
@@ -147,7 +149,7 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
     start_step = 0
     if resume_from is not None:
         state = resume_from.state
-        distributed.load_optimizer_state(step_forward, optimizer, state["optimizer"], d)
+        parallel.load_optimizer_state(step_forward, optimizer, state["optimizer"], d)
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"][d.rank], noise_generator)
         start_step = state["step"]
@@ -168,17 +170,17 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
     def checkpoint(step: int) -> Path:
         """Every rank takes part (gathers); rank 0 writes."""
         local_bad = int((~torch.stack([local(p.detach()).isfinite().all() for p in params])).sum())  # one sync
-        if distributed.sum_all([local_bad], d)[0]:
+        if parallel.sum_all([local_bad], d)[0]:
             raise RuntimeFailure(f"the weights hold NaN/inf after step {step}; not saving them. Last good checkpoint: "
                                  f"{run.latest_checkpoint() or 'none'}. Try a lower train.lr")
-        weights = distributed.full_model_state(model, d)
-        state = {"optimizer": distributed.optimizer_state(step_forward, optimizer, d),
-                 "scheduler": scheduler.state_dict(), "rng": distributed.gather_object(rng_state(noise_generator), d),
+        weights = parallel.full_model_state(model, d)
+        state = {"optimizer": parallel.optimizer_state(step_forward, optimizer, d),
+                 "scheduler": scheduler.state_dict(), "rng": parallel.gather_object(rng_state(noise_generator), d),
                  "step": step}
         where = run.checkpoints / f"step-{step}"
         if d.main:
             where = save_checkpoint(run, step, model, state, {**meta, "step": step}, t.keep_last, hand_on, weights)
-        distributed.barrier(d)
+        parallel.barrier(d)
         return where
 
     def micro_batches(step: int) -> list[tuple[list[int], float]]:
@@ -186,7 +188,7 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
         stand-in where this rank's share of the step comes up short (it must still run forward and backward)."""
         step_plan = plan.micro_batches(step)
         return [(mb, 1.0) if mb is not None else (step_plan[0], 0.0)
-                for mb in distributed.my_share(step_plan, d, pad=True)]
+                for mb in parallel.my_share(step_plan, d, pad=True)]
 
     # --- the loop ---
     metrics_log = MetricsLog(run.root, t.report_to, start_step) if d.main else None
@@ -213,11 +215,11 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
                 step_started = time.perf_counter()
                 shares = micro_batches(step)
                 batches = [(batch_of(data.train, mb), weight) for mb, weight in shares]
-                n_trained, n_tokens = distributed.sum_all(
+                n_trained, n_tokens = parallel.sum_all(
                     [sum(b.trained for b, w in batches if w), sum(b.tokens for b, w in batches if w)], d)
                 loss_sum, norms = 0.0, []
                 for i, (b, weight) in enumerate(batches):
-                    with distributed.grad_sync(step_forward, d, last=i == len(batches) - 1):
+                    with parallel.grad_sync(step_forward, d, last=i == len(batches) - 1):
                         loss, _, noise = step_forward(**b, generator=noise_generator)
                         # DDP/FSDP average gradients over the ranks; every trained token of the step weighs the same
                         (loss * weight * d.world / max(n_trained, 1)).backward()
@@ -225,7 +227,7 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
                     if noise is not None and weight:
                         norms.append(noise)
                 noise_local = torch.cat(norms) if norms else torch.zeros(0)
-                loss_total, noise_total, noise_count = distributed.sum_all(
+                loss_total, noise_total, noise_count = parallel.sum_all(
                     [float(loss_sum), float(noise_local.sum()), noise_local.numel()], d)
                 step_loss = loss_total / max(n_trained, 1)
                 grad_norm = float(local(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))))
@@ -261,7 +263,7 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
                 saved = None
                 if (t.save_every and step % t.save_every == 0) or step == schedule.total_steps:
                     saved = checkpoint(step)
-                stopping = distributed.sum_all([stop.signum is not None], d)[0]  # any rank's signal stops all
+                stopping = parallel.sum_all([stop.signum is not None], d)[0]  # any rank's signal stops all
                 if stopping and step < schedule.total_steps:
                     where = saved or checkpoint(step)  # not twice when the signal came on a save step
                     signum = stop.signum or signal.SIGTERM
@@ -274,10 +276,10 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
         if metrics_log is not None:
             metrics_log.close()
 
-    weights = distributed.full_model_state(model, d)
+    weights = parallel.full_model_state(model, d)
     if d.main:
         save_final(run, model, hand_on, weights)
-    distributed.barrier(d)
+    parallel.barrier(d)
     summary = {"steps": step, "elapsed_s": round(time.perf_counter() - started, 1),
                "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"), "final": str(run.final)}
     out.print(f"done: {step} steps in {summary['elapsed_s']}s, final loss {fmt(summary['final_loss'])}, "
@@ -288,13 +290,13 @@ def _train(loaded: LoadedRecipe, run: RunDir, d: distributed.Dist, tokenizer, da
     return summary
 
 
-def evaluate(trainer: CausalLMLoss, dataset, batch_of, batch_size: int, d: distributed.Dist = distributed.SINGLE
+def evaluate(trainer: CausalLMLoss, dataset, batch_of, batch_size: int, d: parallel.Dist = parallel.SINGLE
              ) -> float:
     """Mean token loss over the eval set: eval mode (no dropout, no noise), no gradients; ranks share the batches."""
     trainer.train(False)
     total, count = 0.0, 0
     # FSDP: every rank runs every forward (they gather the shards together), a stand-in where its share is short
-    starts = distributed.my_share(list(range(0, len(dataset), batch_size)), d, pad=d.fsdp)
+    starts = parallel.my_share(list(range(0, len(dataset), batch_size)), d, pad=d.fsdp)
     with torch.no_grad():
         for start in starts:
             indices = list(range(start or 0, min((start or 0) + batch_size, len(dataset))))
@@ -302,7 +304,7 @@ def evaluate(trainer: CausalLMLoss, dataset, batch_of, batch_size: int, d: distr
             if start is not None:
                 total, count = total + loss.item(), count + n
     trainer.train(True)
-    total, count = distributed.sum_all([total, count], d)
+    total, count = parallel.sum_all([total, count], d)
     return total / max(count, 1)
 
 
@@ -318,7 +320,7 @@ def save_final(run: RunDir, model, hand_on: TokenizerFiles, weights: dict | None
 
 
 def check_resumable(checkpoint: Checkpoint, recipe: Recipe, data: PreparedData, force: bool,
-                    d: distributed.Dist = distributed.SINGLE) -> None:
+                    d: parallel.Dist = parallel.SINGLE) -> None:
     meta = checkpoint.meta
     written_by = meta.get("world_size", 1)
     if written_by != d.world:  # each process's noise, dropout and data position belong to that process

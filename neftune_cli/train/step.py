@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from neftune_cli.noise import add_noise, noise_norms
+from neftune_cli.train.noise import add_noise, noise_norms
 
 # Tokens per chunk of the output head + loss: the fp32 logits of one chunk exist at a time (recomputed in
 # backward), instead of (tokens x vocab) for the whole micro-batch.

@@ -7,8 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from neftune_cli.atomic import atomic_file
-from neftune_cli.errors import DataError, UsageError
+from neftune_cli.io.atomic import atomic_file
+from neftune_cli.io.errors import DataError, UsageError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

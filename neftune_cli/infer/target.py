@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from neftune_cli.checkpoint import META_FILE, RunDir
 from neftune_cli.data.templates import alpaca_jinja
-from neftune_cli.errors import UsageError, first_line
-from neftune_cli.modeling import load_base_model, load_tokenizer
-from neftune_cli.recipe import DataSection, ModelSection, Recipe, validate
+from neftune_cli.io.errors import UsageError, first_line
+from neftune_cli.models.loading import load_base_model, load_tokenizer
+from neftune_cli.recipe.schema import DataSection, ModelSection, Recipe, validate
+from neftune_cli.train.checkpoint import META_FILE, RunDir
 
 ADAPTER_CONFIG = "adapter_config.json"
 

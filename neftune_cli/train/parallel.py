@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from neftune_cli import console
-from neftune_cli.errors import UsageError
+from neftune_cli.io import console
+from neftune_cli.io.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from neftune_cli import faults
-from neftune_cli.atomic import TMP_PREFIX, atomic_dir, atomic_file
-from neftune_cli.console import log
-from neftune_cli.errors import UsageError, first_line
-from neftune_cli.metrics import METRICS_FILE, TENSORBOARD_DIR
+from neftune_cli.io import faults
+from neftune_cli.io.atomic import TMP_PREFIX, atomic_dir, atomic_file
+from neftune_cli.io.console import log
+from neftune_cli.io.errors import UsageError, first_line
+from neftune_cli.train.metrics import METRICS_FILE, TENSORBOARD_DIR
 
 if TYPE_CHECKING:
-    from neftune_cli.tokenizer_files import TokenizerFiles
+    from neftune_cli.models.serving_files import TokenizerFiles
 
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from neftune_cli import console
-from neftune_cli.atomic import atomic_file
 from neftune_cli.data import preview as show
 from neftune_cli.data.report import histogram, padding_waste, percentiles
-from neftune_cli.errors import UsageError
+from neftune_cli.io import console
+from neftune_cli.io.atomic import atomic_file
+from neftune_cli.io.errors import UsageError
 
 app = typer.Typer(help="Inspect how a recipe's data is tokenized and masked.", no_args_is_help=True)
 
@@ -24,7 +24,7 @@ SetOpt = typer.Option(
 
 
 def _load(recipe: Path, overrides: list[str] | None):
-    from neftune_cli.recipe import load_recipe
+    from neftune_cli.recipe.schema import load_recipe
 
     loaded = load_recipe(recipe, overrides)
     for warning in loaded.warnings():
@@ -34,7 +34,7 @@ def _load(recipe: Path, overrides: list[str] | None):
 
 def _prepare(loaded):
     from neftune_cli.data import prepare
-    from neftune_cli.modeling import load_tokenizer
+    from neftune_cli.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(loaded.recipe.model)
     return loaded.recipe, tokenizer, prepare(loaded.recipe, tokenizer, log=console.log)
@@ -231,7 +231,7 @@ def clean(
     from neftune_cli.data import clean as cleaning
     from neftune_cli.data import clean_summary
     from neftune_cli.data.filters import BLOCKLIST, DEFAULT_OFF, FILTERS, PLACEHOLDERS, Rules
-    from neftune_cli.recipe import SourceSection
+    from neftune_cli.recipe.schema import SourceSection
 
     if on_bad_record not in ("error", "skip"):
         raise UsageError(f"--on-bad-record {on_bad_record}: expected error or skip")
@@ -255,7 +255,7 @@ def clean(
     target = None if dry_run else out
     recipe_form = Path(source).suffix.lower() in (".yaml", ".yml")
     if recipe_form:
-        from neftune_cli.recipe import load_recipe
+        from neftune_cli.recipe.schema import load_recipe
 
         if fmt != "auto" or renames:
             raise UsageError("--format and --field are for a data file; a recipe's sources carry their own")

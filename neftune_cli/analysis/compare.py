@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from neftune_cli.answers import answer_stats, read_answers
-from neftune_cli.errors import UsageError
-from neftune_cli.metrics import read_metrics
+from neftune_cli.analysis.answers import answer_stats, read_answers
+from neftune_cli.io.errors import UsageError
+from neftune_cli.train.metrics import read_metrics
 
 COLUMNS = ["run", "alpha", "scale", "steps", "tokens", "wall_s", "train_loss", "eval_loss",
            "answer_tokens", "answer_chars", "hit_max", "rep_2", "diversity"]
@@ -45,7 +45,7 @@ def _tokens_and_time(train: list[dict]) -> tuple[int, float]:
 
 
 def compare_rows(runs: list[Path], answers: list[Path]) -> list[dict]:
-    from neftune_cli.inference import resolve
+    from neftune_cli.infer.target import resolve
 
     if answers and len(answers) != len(runs):
         raise UsageError(f"--answers: give one answers file per run ({len(runs)} runs, {len(answers)} files)")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from neftune_cli.recipe import DataSection
+    from neftune_cli.recipe.schema import DataSection
 
 # The tokenizer files a base may ship; whichever it has are copied byte for byte (tokenizer_config.json aside).
 BASE_FILES = (

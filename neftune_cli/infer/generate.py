@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from neftune_cli.atomic import atomic_file
-from neftune_cli.console import log, out, stdout_is_tty
 from neftune_cli.data import prompt_ids, stop_token_ids
 from neftune_cli.data.templates import end_of_turn, make_template
-from neftune_cli.errors import EXIT_SIGINT, DataError, Interrupted, UsageError
-from neftune_cli.inference import Target
+from neftune_cli.infer.target import Target
+from neftune_cli.io.atomic import atomic_file
+from neftune_cli.io.console import log, out, stdout_is_tty
+from neftune_cli.io.errors import EXIT_SIGINT, DataError, Interrupted, UsageError
 
 # The paper generated greedily with repetition penalty 1.2 for AlpacaEval.
 PAPER_REPETITION_PENALTY = 1.2

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from neftune_cli.batching import IGNORE, batch_builder
-from neftune_cli.console import log
 from neftune_cli.data import prepare
-from neftune_cli.errors import UsageError
-from neftune_cli.inference import Target
-from neftune_cli.loss import CausalLMLoss
-from neftune_cli.recipe import Recipe, load_recipe
-from neftune_cli.train import evaluate
+from neftune_cli.data.batching import IGNORE, batch_builder
+from neftune_cli.infer.target import Target
+from neftune_cli.io.console import log
+from neftune_cli.io.errors import UsageError
+from neftune_cli.recipe.schema import Recipe, load_recipe
+from neftune_cli.train.finetune import evaluate
+from neftune_cli.train.step import CausalLMLoss
 
 
 def has_eval_data(target: Target) -> bool:

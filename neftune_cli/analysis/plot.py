@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neftune_cli.errors import UsageError
-from neftune_cli.metrics import read_metrics
+from neftune_cli.io.errors import UsageError
+from neftune_cli.train.metrics import read_metrics
 
 
 def plot_curves(runs: list[Path], out: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neftune_cli.errors import DataError, UsageError
+from neftune_cli.io.errors import DataError, UsageError
 
 NGRAMS = (2, 3, 4)
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from neftune_cli.errors import RuntimeFailure, UsageError
+from neftune_cli.io.errors import RuntimeFailure, UsageError
 
 TMP_PREFIX = ".tmp-"
 STALE_S = 3600  # temporary folders older than this are leftovers of a crash

@@ -1,7 +1,7 @@
 """The end of `make demo`: exact-match accuracy per task on the held-out demo prompts, before and after
 fine-tuning, and a few of the answers, from two `neftune generate --format jsonl` outputs.
 
-    python -m neftune_cli.demo_check BEFORE.jsonl AFTER.jsonl
+    python -m neftune_cli.demo.check BEFORE.jsonl AFTER.jsonl
 """
 
 from __future__ import annotations
@@ -11,19 +11,19 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from neftune_cli import demo_data
+from neftune_cli.demo import tasks as demo_tasks
 
 
 def eval_tasks() -> list[tuple[str, dict]]:
     """(task, record) of demo_eval.jsonl, in its order; the task is the problem key's prefix ("opposite:hot|...")."""
     return [(problem.split(":")[0], record)
-            for problem, record in demo_data.draw(demo_data.EVAL_SIZE, demo_data.EVAL_SEED, "eval")]
+            for problem, record in demo_tasks.draw(demo_tasks.EVAL_SIZE, demo_tasks.EVAL_SEED, "eval")]
 
 
 def read_outputs(path: Path, records: list[dict]) -> list[str]:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if [r["instruction"] for r in rows] != [r["instruction"] for r in records]:
-        raise SystemExit(f"{path}: not the answers to {demo_data.EVAL_FILE} (generate all of it, in order)")
+        raise SystemExit(f"{path}: not the answers to {demo_tasks.EVAL_FILE} (generate all of it, in order)")
     return [r["output"] for r in rows]
 
 
@@ -37,7 +37,7 @@ def accuracy(tasks: list[str], expected: list[str], outputs: list[str]) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m neftune_cli.demo_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m neftune_cli.demo.check", description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path, help="answers of the base model (generate --format jsonl)")
     parser.add_argument("after", type=Path, help="answers of the fine-tuned model")
     args = parser.parse_args(argv)

@@ -20,11 +20,11 @@ except ImportError:
     from click import ClickException
 
 from neftune_cli import __version__
-from neftune_cli.console import err, log, out, stdout_is_tty
-from neftune_cli.data.cli import app as data_app
-from neftune_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, first_line
-from neftune_cli.quantization import require_bitsandbytes
-from neftune_cli.recipe import load_recipe
+from neftune_cli.cli.data import app as data_app
+from neftune_cli.io.console import err, log, out, stdout_is_tty
+from neftune_cli.io.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, first_line
+from neftune_cli.models.quantization import require_bitsandbytes
+from neftune_cli.recipe.schema import load_recipe
 
 app = typer.Typer(
     name="neftune",
@@ -84,7 +84,7 @@ def validate(
         else:
             out.print(line + f"({source})", markup=False)
     if loaded.recipe.lora_or_none is not None:  # why one would choose QLoRA, before renting the GPU
-        from neftune_cli.memory import summary
+        from neftune_cli.recipe.memory import summary
 
         for line in summary(loaded.recipe.model, loaded.recipe.lora):
             out.print(line, markup=False)
@@ -115,7 +115,7 @@ def train(
 
     Example: neftune train recipes/demo.yaml --set train.max_steps=50
     """
-    from neftune_cli.train import run_training
+    from neftune_cli.train.finetune import run_training
 
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other")
@@ -185,8 +185,8 @@ def generate(
     Example: neftune generate runs/demo --prompts ../shared/data/alpaca_eval/alpaca_eval_instructions.json
     --out answers.json
     """
-    from neftune_cli.generate import Settings, run_generate
-    from neftune_cli.inference import resolve
+    from neftune_cli.infer.generate import Settings, run_generate
+    from neftune_cli.infer.target import resolve
 
     if fmt not in {"json", "jsonl"}:
         raise typer.BadParameter(f"--format {fmt}: expected json or jsonl")
@@ -212,9 +212,9 @@ def eval_(
 
     Example: neftune eval runs/demo --answers answers.json
     """
-    from neftune_cli.answers import answer_stats, format_stats, read_answers
-    from neftune_cli.eval_loss import has_eval_data, heldout_loss
-    from neftune_cli.inference import resolve
+    from neftune_cli.analysis.answers import answer_stats, format_stats, read_answers
+    from neftune_cli.infer.eval_loss import has_eval_data, heldout_loss
+    from neftune_cli.infer.target import resolve
 
     target = resolve(model, _template(template))
     result = {}
@@ -249,7 +249,7 @@ def compare(
 
     Example: neftune compare runs/base runs/neft --answers base.json --answers neft.json
     """
-    from neftune_cli.compare import compare_rows, format_table
+    from neftune_cli.analysis.compare import compare_rows, format_table
 
     rows = compare_rows(runs, answers or [])
     if as_json:
@@ -268,7 +268,7 @@ def plot(
 
     Example: neftune plot runs/base runs/neft --out curves.png
     """
-    from neftune_cli.plot import plot_curves
+    from neftune_cli.analysis.plot import plot_curves
 
     plot_curves(runs, out_file)
     out.print(f"wrote {out_file}", markup=False)
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         code = _report(None, "interrupted", EXIT_SIGINT, debug)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
-        from neftune_cli.distributed import is_peer_failure
+        from neftune_cli.train.parallel import is_peer_failure
 
         if is_peer_failure(e) and not debug:
             code = EXIT_RUNTIME  # the process that failed has said why

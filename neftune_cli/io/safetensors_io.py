@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from neftune_cli.errors import RuntimeFailure, UsageError
+from neftune_cli.io.errors import RuntimeFailure, UsageError
 
 # safetensors dtype name -> (torch dtype or None, item size in bytes, sort rank used by safetensors' writer).
 # The rank is the position in safetensors' Rust `Dtype` enum: `save_file` lays tensors out by (rank descending, name),

@@ -1,0 +1,1 @@
+"""Reading finished runs: answer statistics, the comparison table, loss curves."""

@@ -1,0 +1,1 @@
+"""The recipe: its typed schema (a leaf), loading and overrides, messages, the reference, checks, memory."""

@@ -1,0 +1,1 @@
+"""Training: the fine-tuning recipe, its step (noise and loss), parallelism, checkpoints, metrics."""
