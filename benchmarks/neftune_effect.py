@@ -54,7 +54,7 @@ def main() -> None:
     from neftune_cli.analysis.compare import compare_rows, format_table
     from neftune_cli.infer.generate import Settings, run_generate
     from neftune_cli.infer.target import resolve
-    from neftune_cli.recipe.schema import load_recipe
+    from neftune_cli.recipe.load import load_recipe
     from neftune_cli.train.finetune import run_training
 
     if args.threads:

@@ -43,7 +43,7 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         from neftune_cli.data import prepare
-        from neftune_cli.recipe.schema import validate
+        from neftune_cli.recipe.load import validate
 
         data = {
             "sources": [{"path": str(Path(args.data).resolve())}],

@@ -63,7 +63,7 @@ def rate(marks: list[tuple[int, float, int]], warmup: int) -> dict:
 def child_ours(c: dict) -> dict:
     import yaml
 
-    from neftune_cli.recipe.schema import load_recipe
+    from neftune_cli.recipe.load import load_recipe
     from neftune_cli.train.finetune import run_training
 
     run_dir = Path(c["workdir"]) / "run"

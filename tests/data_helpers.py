@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from neftune_cli.recipe.schema import Recipe, validate
+from neftune_cli.recipe.load import validate
+from neftune_cli.recipe.schema import Recipe
 
 BOS, EOS, UNK, EOT = "<s>", "</s>", "<unk>", "<eot>"
 

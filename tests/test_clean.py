@@ -146,7 +146,7 @@ def test_folder_in_folder_out_and_dry_run(cli, tmp_path):
 
 
 def test_recipe_form_cleans_each_source_and_prints_set_lines(cli, tmp_path):
-    from neftune_cli.recipe.schema import load_recipe
+    from neftune_cli.recipe.load import load_recipe
 
     write_jsonl(tmp_path / "one.jsonl", records())
     write_jsonl(tmp_path / "two.jsonl", [KEEP[0], KEEP[1]])  # duplicates of source 0's records

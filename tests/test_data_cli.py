@@ -14,7 +14,7 @@ from neftune_cli.cli.data import app as data_app
 from neftune_cli.data import prepare
 from neftune_cli.io import console
 from neftune_cli.models.loading import load_tokenizer
-from neftune_cli.recipe.schema import load_recipe
+from neftune_cli.recipe.load import load_recipe
 
 RECORDS = [
     {"instruction": "Reverse the word", "input": "apple", "output": "elppa"},

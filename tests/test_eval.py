@@ -49,7 +49,7 @@ output:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
     """A 6-step LoRA run with NEFTune noise and an eval every 2 steps."""
-    from neftune_cli.recipe.schema import load_recipe
+    from neftune_cli.recipe.load import load_recipe
     from neftune_cli.train.finetune import run_training
 
     folder = tmp_path_factory.mktemp("eval-run")

@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-import neftune_cli.merge.write as merge_write
+import neftune_cli.merge.tensors as merge_tensors
 from neftune_cli.io import safetensors_io as st
 from neftune_cli.io.errors import RuntimeFailure, UsageError
 from neftune_cli.merge import MergeResult, merge, parse_size
-from neftune_cli.merge.common import _TORCH_TO_ST
+from neftune_cli.merge.common import TORCH_TO_ST
 
 # peft / transformers warn a lot about tiny random models; keep that noise (and their log level) to this module
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -248,7 +248,7 @@ def test_bf16_merge_within_one_rounding_step_and_dtype_override(tmp_path, monkey
     assert_bitwise_equal_to_peft(res32.out, base, adapter, dtype=torch.float32)
 
     # the looser bf16 verification still catches an adapter that got lost
-    monkeypatch.setattr(merge_write, "_lora_delta", lambda lm: torch.zeros(1))
+    monkeypatch.setattr(merge_tensors, "lora_delta", lambda lm: torch.zeros(1))
     with pytest.raises(RuntimeFailure, match="verification failed.*for bfloat16 output"):
         merge(adapter, tmp_path / "lost", log=quiet)
     assert not (tmp_path / "lost").exists() and not no_leftovers(tmp_path)
@@ -704,8 +704,8 @@ def test_failure_mid_merge_leaves_nothing(llama, tmp_path, monkeypatch):
 
 def test_verification_failure_leaves_nothing(llama, tmp_path, monkeypatch):
     _, adapter = llama
-    real = merge_write._lora_delta
-    monkeypatch.setattr(merge_write, "_lora_delta", lambda lm: real(lm) * 1.01)  # a 1% scaling bug
+    real = merge_tensors.lora_delta
+    monkeypatch.setattr(merge_tensors, "lora_delta", lambda lm: real(lm) * 1.01)  # a 1% scaling bug
     with pytest.raises(RuntimeFailure, match=r"verification failed: max \|logit diff\|.*tolerance"):
         merge(adapter, tmp_path / "out", log=quiet)
     assert not (tmp_path / "out").exists() and not no_leftovers(tmp_path)
@@ -729,7 +729,7 @@ def test_shard_writer_is_byte_identical_to_save_file(tmp_path):
     items = [
         (
             k,
-            _TORCH_TO_ST.get(v.dtype) or {torch.int64: "I64", torch.bool: "BOOL"}[v.dtype],
+            TORCH_TO_ST.get(v.dtype) or {torch.int64: "I64", torch.bool: "BOOL"}[v.dtype],
             tuple(v.shape),
             lambda f, v=v: f.write(st.tensor_bytes(v)),
         )

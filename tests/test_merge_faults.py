@@ -18,7 +18,7 @@ import pytest
 from test_merge import make_adapter, make_base
 
 from neftune_cli.io import safetensors_io as st
-from neftune_cli.merge.base import _same_base
+from neftune_cli.merge.base import same_base
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -209,13 +209,13 @@ def test_same_base_rules(tmp_path):
     other = tmp_path / "models" / "Mistral-7B"
     for d in (snap, copy, other):
         d.mkdir(parents=True)
-    assert _same_base(str(snap), "meta-llama/Llama-2-7b-hf")  # the hub cache's copy
-    assert _same_base(str(copy), "meta-llama/Llama-2-7b-hf")  # a local copy of the same repo
-    assert _same_base("meta-llama/llama-2-7b-hf", "meta-llama/Llama-2-7b-hf")
-    assert _same_base(str(copy), "/home/someone/models/Llama-2-7b-hf")  # trained on another machine
-    assert not _same_base(str(other), "meta-llama/Llama-2-7b-hf")
-    assert not _same_base(str(other), str(copy))
-    assert not _same_base("mistralai/Mistral-7B-v0.1", "meta-llama/Llama-2-7b-hf")
+    assert same_base(str(snap), "meta-llama/Llama-2-7b-hf")  # the hub cache's copy
+    assert same_base(str(copy), "meta-llama/Llama-2-7b-hf")  # a local copy of the same repo
+    assert same_base("meta-llama/llama-2-7b-hf", "meta-llama/Llama-2-7b-hf")
+    assert same_base(str(copy), "/home/someone/models/Llama-2-7b-hf")  # trained on another machine
+    assert not same_base(str(other), "meta-llama/Llama-2-7b-hf")
+    assert not same_base(str(other), str(copy))
+    assert not same_base("mistralai/Mistral-7B-v0.1", "meta-llama/Llama-2-7b-hf")
 
 
 # ---------------------------------------------------------------------------------------------------- corrupt files

@@ -74,16 +74,16 @@ def test_training_with_a_token_budget_resumes_exactly_mid_epoch(cli, tmp_path, t
     tokens = [r["tokens"] for r in full]
     assert max(tokens) <= 2 * 300 and len(set(tokens)) > 1  # 2 micro-batches of at most 300 tokens each
 
-    import neftune_cli.train.finetune as train_module
+    from neftune_cli.train.metrics import MetricsLog
 
-    original = train_module.write_metrics
+    original = MetricsLog.write
 
-    def stop_at_4(file, record):  # a preemption in the middle of the first epoch
-        original(file, record)
+    def stop_at_4(metrics, record):  # a preemption in the middle of the first epoch
+        original(metrics, record)
         if record.get("step") == 4:
             signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(train_module, "write_metrics", stop_at_4)
+    monkeypatch.setattr(MetricsLog, "write", stop_at_4)
     assert cli("train", tmp_path / "cut.yaml")[0] == 143
     monkeypatch.undo()
     code, _, err = cli("train", tmp_path / "cut.yaml", "--resume")

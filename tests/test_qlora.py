@@ -15,8 +15,8 @@ from test_train import make_recipe, metrics, workdir  # noqa: F401 - workdir is 
 
 from neftune_cli.demo import tasks as demo_tasks
 from neftune_cli.models.loading import load_model
+from neftune_cli.recipe.load import load_recipe
 from neftune_cli.recipe.memory import quantized_bytes_per_weight
-from neftune_cli.recipe.schema import load_recipe
 from neftune_cli.train.step import CausalLMLoss, attention_stays_within_examples
 
 QLORA = ["--set", "model.quantization=nf4", "--set", "train.max_steps=2", "--set", "train.save_every=1",

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neftune_cli.recipe.schema import Recipe, load_recipe, recipe_to_yaml
+from neftune_cli.recipe.load import load_recipe, recipe_to_yaml
+from neftune_cli.recipe.schema import Recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -153,11 +154,11 @@ def test_missing_recipe_file(cli, tmp_path):
 
 
 def test_readme_recipe_reference_matches_the_schema():
-    from neftune_cli.recipe.schema import reference_markdown
+    from neftune_cli.recipe.reference import reference_markdown
 
     readme = (RECIPES.parent / "README.md").read_text()
     block = readme.split("<!-- recipe-reference:start -->\n")[1].split("<!-- recipe-reference:end -->")[0]
-    assert block == reference_markdown(), "regenerate the README's recipe reference from neftune_cli.recipe.schema"
+    assert block == reference_markdown(), "regenerate the README's recipe reference from neftune_cli.recipe.reference"
 
 
 def test_validate_warns_about_hf_noise_under_packing(cli, recipe_dir):

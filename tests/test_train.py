@@ -288,16 +288,16 @@ def test_accumulation_matches_one_big_micro_batch(cli, workdir):
 
 def stop_after(monkeypatch, step: int, signum=signal.SIGTERM):
     """Deliver `signum` to ourselves while step `step` is being recorded (as a scheduler would)."""
-    import neftune_cli.train.finetune as train_module
+    from neftune_cli.train.metrics import MetricsLog
 
-    original = train_module.write_metrics
+    original = MetricsLog.write
 
-    def write_and_signal(file, record):
-        original(file, record)
+    def write_and_signal(metrics, record):
+        original(metrics, record)
         if record.get("step") == step and "loss" in record:
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(train_module, "write_metrics", write_and_signal)
+    monkeypatch.setattr(MetricsLog, "write", write_and_signal)
 
 
 def test_resume_equals_an_uninterrupted_run(cli, workdir, monkeypatch):

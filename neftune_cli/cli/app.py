@@ -24,7 +24,7 @@ from neftune_cli.cli.data import app as data_app
 from neftune_cli.io.console import err, log, out, stdout_is_tty
 from neftune_cli.io.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, first_line
 from neftune_cli.models.quantization import require_bitsandbytes
-from neftune_cli.recipe.schema import load_recipe
+from neftune_cli.recipe.load import load_recipe
 
 app = typer.Typer(
     name="neftune",

@@ -24,7 +24,7 @@ SetOpt = typer.Option(
 
 
 def _load(recipe: Path, overrides: list[str] | None):
-    from neftune_cli.recipe.schema import load_recipe
+    from neftune_cli.recipe.load import load_recipe
 
     loaded = load_recipe(recipe, overrides)
     for warning in loaded.warnings():
@@ -255,7 +255,7 @@ def clean(
     target = None if dry_run else out
     recipe_form = Path(source).suffix.lower() in (".yaml", ".yml")
     if recipe_form:
-        from neftune_cli.recipe.schema import load_recipe
+        from neftune_cli.recipe.load import load_recipe
 
         if fmt != "auto" or renames:
             raise UsageError("--format and --field are for a data file; a recipe's sources carry their own")

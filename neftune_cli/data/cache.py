@@ -22,7 +22,8 @@ from neftune_cli.data.tokenize import Encoder
 from neftune_cli.demo.builtin import cache_root
 from neftune_cli.io.atomic import atomic_dir, clean_stale
 from neftune_cli.io.errors import first_line
-from neftune_cli.recipe.schema import DataSection, stable_hash
+from neftune_cli.recipe.load import stable_hash
+from neftune_cli.recipe.schema import DataSection
 
 # Bump when tokenization, masking or the report format changes: old entries then stop matching.
 PIPELINE_VERSION = 2

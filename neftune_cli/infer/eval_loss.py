@@ -16,9 +16,9 @@ from neftune_cli.data.batching import IGNORE, batch_builder
 from neftune_cli.infer.target import Target
 from neftune_cli.io.console import log
 from neftune_cli.io.errors import UsageError
-from neftune_cli.recipe.schema import Recipe, load_recipe
-from neftune_cli.train.finetune import evaluate
-from neftune_cli.train.step import CausalLMLoss
+from neftune_cli.recipe.load import load_recipe
+from neftune_cli.recipe.schema import Recipe
+from neftune_cli.train.step import CausalLMLoss, evaluate
 
 
 def has_eval_data(target: Target) -> bool:
@@ -37,10 +37,10 @@ def heldout_loss(target: Target, data_spec: Path | None = None, batch_size: int 
         raise UsageError(f"{data_spec}: the recipe holds out no eval data (data.eval_sources, eval_fraction or "
                          "eval_size)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trainer = CausalLMLoss(target.load(device, merge=False), None, recipe.neftune.scale)
+    lm_loss = CausalLMLoss(target.load(device, merge=False), None, recipe.neftune.scale)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # as training pads
     batch_of = batch_builder(recipe.train.batching, pad_id, device)
-    loss = evaluate(trainer, dataset, batch_of, batch_size or recipe.train.micro_batch_size)
+    loss = evaluate(lm_loss, dataset, batch_of, batch_size or recipe.train.micro_batch_size)
     # labels are unshifted: each trained label is one target (the shifted first token never is)
     trained = sum(sum(1 for t in labels[1:] if t != IGNORE) for labels in dataset["labels"])
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "examples": len(dataset),

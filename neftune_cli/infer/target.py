@@ -19,7 +19,8 @@ import yaml
 from neftune_cli.data.templates import alpaca_jinja
 from neftune_cli.io.errors import UsageError, first_line
 from neftune_cli.models.loading import load_base_model, load_tokenizer
-from neftune_cli.recipe.schema import DataSection, ModelSection, Recipe, validate
+from neftune_cli.recipe.load import validate
+from neftune_cli.recipe.schema import DataSection, ModelSection, Recipe
 from neftune_cli.train.checkpoint import META_FILE, RunDir
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -42,21 +42,21 @@ from pathlib import Path
 
 from neftune_cli.io.atomic import atomic_dir
 from neftune_cli.io.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RuntimeFailure, UsageError
-from neftune_cli.merge.adapter import _read_adapter, _resolve_adapter_dir
-from neftune_cli.merge.base import _BaseCheckpoint, _resolve_base, _same_base
-from neftune_cli.merge.common import ADAPTER_CONFIG, _fmt_bytes, _parse_dtype
-from neftune_cli.merge.plan import _Plan, _plan
+from neftune_cli.merge.adapter import read_adapter, resolve_adapter_dir
+from neftune_cli.merge.base import BaseCheckpoint, resolve_base, same_base
+from neftune_cli.merge.common import ADAPTER_CONFIG, fmt_bytes, parse_dtype
+from neftune_cli.merge.plan import Plan, build_plan
 from neftune_cli.merge.quantized import quantization_gap, trained_quantization
-from neftune_cli.merge.verify import _check_device, _verify
+from neftune_cli.merge.verify import check_device, verify_merge
 from neftune_cli.merge.write import (
-    _check_disk_space,
-    _check_not_overlapping,
-    _check_out,
-    _claim,
-    _release,
-    _remove_stale_temps,
-    _write_model,
-    _write_side_files,
+    check_disk_space,
+    check_not_overlapping,
+    check_out,
+    claim,
+    release,
+    remove_stale_temps,
+    write_model,
+    write_side_files,
 )
 
 __all__ = ["MergeResult", "merge", "parse_size"]
@@ -154,55 +154,55 @@ def _merge(
     verify: bool,
     overwrite: bool,
     log: Callable[[str], None],
-) -> tuple[_Plan, float | None]:
+) -> tuple[Plan, float | None]:
     """The checks, the plan and the atomic write of ``merge``; returns the plan and the verified logit diff."""
-    out_torch_dtype = None if str(dtype).lower() == "auto" else _parse_dtype(dtype)
+    out_torch_dtype = None if str(dtype).lower() == "auto" else parse_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
     if verify:
-        _check_device(device)
+        check_device(device)
 
-    adapter_dir = _resolve_adapter_dir(adapter)
-    _check_out(out, overwrite)
-    adapter_state = _read_adapter(adapter_dir)
+    adapter_dir = resolve_adapter_dir(adapter)
+    check_out(out, overwrite)
+    adapter_state = read_adapter(adapter_dir)
     base_spec = base if base is not None else adapter_state.config.get("base_model_name_or_path")
     if not base_spec:
         raise UsageError(
             f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty; pass --base PATH to the base model"
         )
-    base_dir = _resolve_base(str(base_spec), adapter_state.config.get("revision"), explicit=base is not None)
-    _check_not_overlapping(out, [adapter_dir, adapter.expanduser().absolute(), base_dir])
-    base_model = _BaseCheckpoint(base_dir)
+    base_dir = resolve_base(str(base_spec), adapter_state.config.get("revision"), explicit=base is not None)
+    check_not_overlapping(out, [adapter_dir, adapter.expanduser().absolute(), base_dir])
+    base_model = BaseCheckpoint(base_dir)
     base_model.check_not_quantized()
     recorded = adapter_state.config.get("base_model_name_or_path")
-    if base is not None and recorded and not _same_base(str(base), str(recorded)):
+    if base is not None and recorded and not same_base(str(base), str(recorded)):
         log(
             f"warning: --base {base} is not the base this adapter was trained on ({adapter_dir / ADAPTER_CONFIG} "
             f"says {recorded}); merging anyway"
         )
 
-    plan = _plan(adapter_state, base_model, out_torch_dtype, shard_limit)
+    plan = build_plan(adapter_state, base_model, out_torch_dtype, shard_limit)
     log(
         f"merging {adapter_dir} into {base_spec}: {plan.n_lora} LoRA modules"
         f"{', ' + str(plan.n_replaced) + ' replaced tensors' if plan.n_replaced else ''}, "
-        f"{len(plan.outputs)} tensors, {_fmt_bytes(plan.total_bytes)} as {plan.dtype_name} in {len(plan.shards)} "
+        f"{len(plan.outputs)} tensors, {fmt_bytes(plan.total_bytes)} as {plan.dtype_name} in {len(plan.shards)} "
         f"shard{'s' if len(plan.shards) != 1 else ''}"
     )
     for note in plan.notes:
         log(note)
-    _remove_stale_temps(out, log)  # before the free-space check: their space is ours again
-    _check_disk_space(out.parent, plan.total_bytes)
+    remove_stale_temps(out, log)  # before the free-space check: their space is ours again
+    check_disk_space(out.parent, plan.total_bytes)
 
     diff: float | None = None
     try:
         with atomic_dir(out) as tmp:  # --overwrite was checked above: the old folder goes only once ours is whole
-            _claim(tmp)
-            _write_model(plan, base_model, tmp, log, out)
-            _write_side_files(plan, base_model, adapter_dir, adapter.expanduser().absolute(), tmp)
+            claim(tmp)
+            write_model(plan, base_model, tmp, log, out)
+            write_side_files(plan, base_model, adapter_dir, adapter.expanduser().absolute(), tmp)
             if verify:
-                diff, merged_logits = _verify(base_dir, adapter_dir, tmp, device, plan, log)
+                diff, merged_logits = verify_merge(base_dir, adapter_dir, tmp, device, plan, log)
                 if (quantized := trained_quantization(adapter_dir)) is not None:
                     log(quantization_gap(quantized, base_dir, adapter_dir, merged_logits, device))
-            _release(tmp)
+            release(tmp)
     except OSError as e:  # a full disk or a read-only folder was named by atomic_dir already
         raise RuntimeFailure(f"writing {out} failed: {e.strerror or e} ({e.filename or out})") from None
     return plan, diff

@@ -28,7 +28,7 @@ _UNSUPPORTED_FIELDS = {
 }
 
 
-def _resolve_adapter_dir(adapter: Path) -> Path:
+def resolve_adapter_dir(adapter: Path) -> Path:
     adapter = adapter.expanduser().absolute()
     if not adapter.exists():
         raise UsageError(f"adapter directory {adapter} does not exist")
@@ -70,14 +70,14 @@ def _refuse_unfinished_run(run: Path) -> None:
 
 
 @dataclass
-class _AdapterState:
+class AdapterState:
     dir: Path
     config: dict
     tensors: dict[str, torch.Tensor]
     weights_file: Path
 
 
-def _read_adapter(adapter_dir: Path) -> _AdapterState:
+def read_adapter(adapter_dir: Path) -> AdapterState:
     cfg_path = adapter_dir / ADAPTER_CONFIG
     try:
         config = json.loads(cfg_path.read_text())
@@ -115,7 +115,7 @@ def _read_adapter(adapter_dir: Path) -> _AdapterState:
         raise UsageError(f"{weights}: expected a mapping of tensor names to tensors")
     if not tensors:
         raise UsageError(f"{weights}: the adapter holds no tensors")
-    return _AdapterState(adapter_dir, config, tensors, weights)
+    return AdapterState(adapter_dir, config, tensors, weights)
 
 
 _LORA_RE = re.compile(
@@ -125,7 +125,7 @@ _LORA_RE = re.compile(
 
 
 @dataclass
-class _LoraModule:
+class LoraModule:
     module: str
     A: torch.Tensor | None = None
     B: torch.Tensor | None = None
@@ -139,7 +139,7 @@ class _LoraModule:
 
 
 @dataclass
-class _Replacement:
+class Replacement:
     tensor: torch.Tensor
     key: str  # adapter key
     kind: str  # "modules_to_save" | "base_layer" | "plain"
@@ -152,9 +152,9 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def _parse_adapter_keys(state: _AdapterState) -> tuple[dict[str, _LoraModule], dict[str, _Replacement]]:
-    loras: dict[str, _LoraModule] = {}
-    repl: dict[str, _Replacement] = {}
+def parse_adapter_keys(state: AdapterState) -> tuple[dict[str, LoraModule], dict[str, Replacement]]:
+    loras: dict[str, LoraModule] = {}
+    repl: dict[str, Replacement] = {}
     names: set[str] = set()
     wfile = state.weights_file.name
     for key, tensor in state.tensors.items():
@@ -164,7 +164,7 @@ def _parse_adapter_keys(state: _AdapterState) -> tuple[dict[str, _LoraModule], d
             kind, param = m.group("kind"), m.group("param")
             if m.group("name"):
                 names.add(m.group("name"))
-            lm = loras.setdefault(m.group("mod"), _LoraModule(m.group("mod")))
+            lm = loras.setdefault(m.group("mod"), LoraModule(m.group("mod")))
             part = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}.get(kind, "mag")
             if kind == "lora_B" and param == "bias":
                 part = "B_bias"
@@ -203,7 +203,7 @@ def _parse_adapter_keys(state: _AdapterState) -> tuple[dict[str, _LoraModule], d
             if kind == "modules_to_save":
                 prev.kind = kind
             continue
-        repl[target] = _Replacement(tensor, key, kind)
+        repl[target] = Replacement(tensor, key, kind)
     if len(names) > 1:
         raise UsageError(f"{wfile}: holds several adapters ({', '.join(sorted(names))}); save one adapter per folder")
     for lm in loras.values():
@@ -223,7 +223,7 @@ def _parse_adapter_keys(state: _AdapterState) -> tuple[dict[str, _LoraModule], d
     return loras, repl
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def pattern_value(patterns: dict, module: str, default):
     """peft's get_pattern_key: the first pattern key matching the end of the module name wins."""
     for pat, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({pat})$", module):

@@ -11,16 +11,17 @@ import torch
 from neftune_cli.io import safetensors_io as st
 from neftune_cli.io.errors import UsageError
 from neftune_cli.merge.common import (
-    _IN_EMBEDDING_SUFFIXES,
-    _OUT_DTYPES,
-    _OUT_EMBEDDING_MODULES,
     BIN_FILES,
+    IN_EMBEDDING_SUFFIXES,
+    OUT_DTYPES,
+    OUT_EMBEDDING_MODULES,
     SAFE_INDEX,
     SAFE_SINGLE,
+    sub_configs,
 )
 
 
-def _resolve_base(spec: str, revision: str | None, *, explicit: bool) -> Path:
+def resolve_base(spec: str, revision: str | None, *, explicit: bool) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return path.absolute()
@@ -33,7 +34,7 @@ def _resolve_base(spec: str, revision: str | None, *, explicit: bool) -> Path:
     return _snapshot_base(spec, revision)
 
 
-def _same_base(given: str, recorded: str) -> bool:
+def same_base(given: str, recorded: str) -> bool:
     """Whether ``--base`` names the base recorded in adapter_config.json (base_model_name_or_path).
 
     Two local folders are the same when they resolve to the same folder; two hub ids when they are equal (hub ids
@@ -105,7 +106,7 @@ def _snapshot_base(repo_id: str, revision: str | None) -> Path:
     return snap
 
 
-class _BaseCheckpoint:
+class BaseCheckpoint:
     def __init__(self, path: Path) -> None:
         self.path = path
         cfg_path = path / "config.json"
@@ -148,11 +149,7 @@ class _BaseCheckpoint:
 
     def sub_configs(self) -> list[dict]:
         """The config and its nested text config (where multimodal models keep vocab size, dtype, tying)."""
-        cfgs = [self.config]
-        for key in ("text_config", "language_config", "llm_config"):
-            if isinstance(self.config.get(key), dict):
-                cfgs.append(self.config[key])
-        return cfgs
+        return sub_configs(self.config)
 
     def check_not_quantized(self) -> None:
         for cfg in self.sub_configs():
@@ -193,7 +190,7 @@ class _BaseCheckpoint:
             for k, e in self.entries.items()
             if k != embed_key
             and k.endswith(".weight")
-            and k.rsplit(".", 2)[-2] in _OUT_EMBEDDING_MODULES
+            and k.rsplit(".", 2)[-2] in OUT_EMBEDDING_MODULES
             and len(e.shape) == 2
             and (vocab is None or e.shape[0] == vocab)
         ]
@@ -201,23 +198,23 @@ class _BaseCheckpoint:
 
     def input_embedding(self) -> str | None:
         vocab = self.config_value("vocab_size")
-        for suffix in _IN_EMBEDDING_SUFFIXES:
+        for suffix in IN_EMBEDDING_SUFFIXES:
             hits = [k for k in self.entries if k == suffix or k.endswith("." + suffix)]
             if len(hits) == 1:
                 return hits[0]
         hits = [
             k
             for k, e in self.entries.items()
-            if len(e.shape) == 2 and e.shape[0] == vocab and k.rsplit(".", 2)[-2] not in _OUT_EMBEDDING_MODULES
+            if len(e.shape) == 2 and e.shape[0] == vocab and k.rsplit(".", 2)[-2] not in OUT_EMBEDDING_MODULES
         ]
         return hits[0] if len(hits) == 1 else None
 
 
-def _auto_dtype(base: _BaseCheckpoint) -> torch.dtype:
+def auto_dtype(base: BaseCheckpoint) -> torch.dtype:
     """The base's config dtype, else the most common stored floating dtype."""
     name = str(base.config_value("dtype") or base.config_value("torch_dtype") or "").replace("torch.", "")
-    if name in _OUT_DTYPES:
-        return _OUT_DTYPES[name]
+    if name in OUT_DTYPES:
+        return OUT_DTYPES[name]
     stored = [e.dtype for e in base.entries.values() if e.dtype in ("F16", "BF16", "F32")]
     common = max(set(stored), key=stored.count) if stored else "F32"
     return {"F16": torch.float16, "BF16": torch.bfloat16}.get(common, torch.float32)
@@ -235,7 +232,7 @@ def _meta_model(base_dir: Path):
         return None
 
 
-def _output_embedding_name(base_dir: Path) -> str | None:
+def output_embedding_name(base_dir: Path) -> str | None:
     model = _meta_model(base_dir)
     out = model.get_output_embeddings() if model is not None else None
     if out is None:
@@ -243,7 +240,7 @@ def _output_embedding_name(base_dir: Path) -> str | None:
     return next((f"{name}.weight" for name, mod in model.named_modules() if mod is out), None)
 
 
-def _module_kinds(base_dir: Path) -> dict[str, str]:
+def module_kinds(base_dir: Path) -> dict[str, str]:
     """Layer class per module name, from the meta-device model; {} if it cannot be built."""
     model = _meta_model(base_dir)
     return {name: type(mod).__name__ for name, mod in model.named_modules()} if model is not None else {}

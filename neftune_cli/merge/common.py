@@ -32,7 +32,7 @@ TOKENIZER_FILES = (
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 TOKENIZER_DIRS = ("additional_chat_templates",)
 
-_OUT_DTYPES = {
+OUT_DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
     "float16": torch.float16,
@@ -43,12 +43,12 @@ _OUT_DTYPES = {
     "float": torch.float32,
 }
 
-_FLOAT_ST = {"F16", "BF16", "F32", "F64"}
-_TORCH_TO_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
-_ST_TO_NAME = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+FLOAT_ST = {"F16", "BF16", "F32", "F64"}
+TORCH_TO_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+ST_TO_NAME = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
-_OUT_EMBEDDING_MODULES = ("lm_head", "embed_out", "output")
-_IN_EMBEDDING_SUFFIXES = (
+OUT_EMBEDDING_MODULES = ("lm_head", "embed_out", "output")
+IN_EMBEDDING_SUFFIXES = (
     "embed_tokens.weight",
     "wte.weight",
     "word_embeddings.weight",
@@ -57,30 +57,30 @@ _IN_EMBEDDING_SUFFIXES = (
 )
 
 
-def _parse_dtype(dtype: str) -> torch.dtype:
+def parse_dtype(dtype: str) -> torch.dtype:
     try:
-        return _OUT_DTYPES[str(dtype).lower()]
+        return OUT_DTYPES[str(dtype).lower()]
     except KeyError:
         raise UsageError(f"invalid dtype {dtype!r}: use auto, bfloat16, float16 or float32") from None
 
 
-def _sub_configs(config: dict) -> list[dict]:
+def sub_configs(config: dict) -> list[dict]:
     return [config] + [
         config[k] for k in ("text_config", "language_config", "llm_config") if isinstance(config.get(k), dict)
     ]
 
 
-def _set_config(config: dict, key: str, value) -> None:
-    hits = [c for c in _sub_configs(config) if key in c]
+def set_config(config: dict, key: str, value) -> None:
+    hits = [c for c in sub_configs(config) if key in c]
     for c in hits or [config]:
         c[key] = value
 
 
-def _shape(shape: tuple[int, ...]) -> str:
+def fmt_shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -10,44 +10,25 @@ import torch
 
 from neftune_cli.io import safetensors_io as st
 from neftune_cli.io.errors import UsageError
-from neftune_cli.merge.adapter import _AdapterState, _LoraModule, _parse_adapter_keys, _pattern_value, _Replacement
-from neftune_cli.merge.base import _auto_dtype, _BaseCheckpoint, _module_kinds, _output_embedding_name
+from neftune_cli.merge.adapter import AdapterState, LoraModule, Replacement, parse_adapter_keys, pattern_value
+from neftune_cli.merge.base import BaseCheckpoint, auto_dtype, module_kinds, output_embedding_name
 from neftune_cli.merge.common import (
-    _FLOAT_ST,
-    _OUT_EMBEDDING_MODULES,
-    _ST_TO_NAME,
-    _TORCH_TO_ST,
+    FLOAT_ST,
+    OUT_EMBEDDING_MODULES,
     SAFE_SINGLE,
-    _set_config,
-    _shape,
-    _sub_configs,
+    ST_TO_NAME,
+    TORCH_TO_ST,
+    fmt_shape,
+    set_config,
+    sub_configs,
 )
-from neftune_cli.merge.write import _produce
+from neftune_cli.merge.tensors import OutputTensor, produce
 
 
 @dataclass
-class _Output:
-    name: str  # output tensor name
-    st_dtype: str
-    shape: tuple[int, ...]
-    src: st.TensorEntry | None  # base tensor (None: only from the replacement)
-    replacement: _Replacement | None = None
-    lora: _LoraModule | None = None
-    bias_lora: _LoraModule | None = None  # lora_B.bias added to this (bias) tensor
-
-    @property
-    def modified(self) -> bool:
-        return self.replacement is not None or self.lora is not None or self.bias_lora is not None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * st.ST_DTYPES[self.st_dtype][1]
-
-
-@dataclass
-class _Plan:
-    outputs: list[_Output]
-    shards: list[list[_Output]]
+class Plan:
+    outputs: list[OutputTensor]
+    shards: list[list[OutputTensor]]
     shard_names: list[str]
     out_dtype: torch.dtype
     dtype_name: str
@@ -72,16 +53,16 @@ class _Targets:
     from the input embedding (``virtual`` maps it to that embedding's name).
     """
 
-    base: _BaseCheckpoint
+    base: BaseCheckpoint
     wfile: str
     embed_key: str | None
     vocab: int | None
     stored_out: str | None
     tied: bool
     virtual: dict[str, str] = field(default_factory=dict)
-    repl: dict[str, _Replacement] = field(default_factory=dict)
-    loras: dict[str, _LoraModule] = field(default_factory=dict)
-    biases: dict[str, _LoraModule] = field(default_factory=dict)
+    repl: dict[str, Replacement] = field(default_factory=dict)
+    loras: dict[str, LoraModule] = field(default_factory=dict)
+    biases: dict[str, LoraModule] = field(default_factory=dict)
     out_name: str | None = None  # the virtual output embedding, if any
 
     def target(self, param: str, adapter_key: str) -> str:
@@ -89,7 +70,7 @@ class _Targets:
         if found is not None:
             return found
         module = param.rsplit(".", 1)[0].rsplit(".", 1)[-1]
-        if self.tied and self.stored_out is None and param.endswith(".weight") and module in _OUT_EMBEDDING_MODULES:
+        if self.tied and self.stored_out is None and param.endswith(".weight") and module in OUT_EMBEDDING_MODULES:
             self.virtual[param] = self.embed_key
             return param
         raise UsageError(
@@ -105,12 +86,12 @@ class _Targets:
         return tuple(r.tensor.shape) if r is not None else self.base_shape(name)
 
 
-def _plan(state: _AdapterState, base: _BaseCheckpoint, out_dtype: torch.dtype | None, shard_limit: int) -> _Plan:
+def build_plan(state: AdapterState, base: BaseCheckpoint, out_dtype: torch.dtype | None, shard_limit: int) -> Plan:
     cfg = state.config
-    loras, repl = _parse_adapter_keys(state)
+    loras, repl = parse_adapter_keys(state)
     notes = _init_notes(cfg)
-    out_dtype = out_dtype or _auto_dtype(base)
-    out_st = _TORCH_TO_ST[out_dtype]
+    out_dtype = out_dtype or auto_dtype(base)
+    out_st = TORCH_TO_ST[out_dtype]
 
     t = _assign_targets(base, state.weights_file.name, loras, repl)
     _follow_tied_embeddings(t)
@@ -127,7 +108,7 @@ def _plan(state: _AdapterState, base: _BaseCheckpoint, out_dtype: torch.dtype | 
     dtype_name = _output_config(config, untie, out_st)
     shards, shard_names = _shard(outputs, shard_limit)
 
-    return _Plan(
+    return Plan(
         outputs=outputs,
         shards=shards,
         shard_names=shard_names,
@@ -155,7 +136,7 @@ def _init_notes(cfg: dict) -> list[str]:
 
 
 def _assign_targets(
-    base: _BaseCheckpoint, wfile: str, loras: dict[str, _LoraModule], repl: dict[str, _Replacement]
+    base: BaseCheckpoint, wfile: str, loras: dict[str, LoraModule], repl: dict[str, Replacement]
 ) -> _Targets:
     """Assign every adapter target to a base tensor."""
     embed_key = base.input_embedding()
@@ -191,7 +172,7 @@ def _follow_tied_embeddings(t: _Targets) -> None:
     embed_key = t.embed_key
     out_name = next(iter(t.virtual), None)
     if t.tied and t.stored_out is None and out_name is None and (embed_key in t.repl or embed_key in t.loras):
-        out_name = _output_embedding_name(t.base.path) or "lm_head.weight"
+        out_name = output_embedding_name(t.base.path) or "lm_head.weight"
         t.virtual[out_name] = embed_key
     t.out_name = out_name
     if out_name is not None:
@@ -222,7 +203,7 @@ def _check_replacement_shapes(t: _Targets) -> dict[str, int]:
                 reader.close()
             vocab_like = torch.equal(base_rows.to(r.tensor.dtype), r.tensor[:n])
         if not vocab_like:
-            raise UsageError(f"{name}: adapter expects {_shape(want)} but base has {_shape(have)} - {_MISMATCH}")
+            raise UsageError(f"{name}: adapter expects {fmt_shape(want)} but base has {fmt_shape(have)} - {_MISMATCH}")
         resized[name] = want[0]
     return resized
 
@@ -230,20 +211,20 @@ def _check_replacement_shapes(t: _Targets) -> dict[str, int]:
 def _check_floating(t: _Targets) -> None:
     for name in list(t.loras) + list(t.repl):
         src = t.base.entries.get(t.virtual.get(name, name))
-        if src is not None and src.dtype not in _FLOAT_ST:
+        if src is not None and src.dtype not in FLOAT_ST:
             raise UsageError(f"{name}: base tensor is {src.dtype}, not floating point (a quantized base?)")
 
 
-def _make_output(t: _Targets, name: str, src: st.TensorEntry, out_st: str) -> _Output:
-    o = _Output(name, out_st if src.dtype in _FLOAT_ST else src.dtype, t.effective_shape(name), src)
+def _make_output(t: _Targets, name: str, src: st.TensorEntry, out_st: str) -> OutputTensor:
+    o = OutputTensor(name, out_st if src.dtype in FLOAT_ST else src.dtype, t.effective_shape(name), src)
     o.replacement, o.lora, o.bias_lora = t.repl.get(name), t.loras.get(name), t.biases.get(name)
     return o
 
 
 def _resolve_ties(
     t: _Targets,
-    outputs: list[_Output],
-    by_name: dict[str, _Output],
+    outputs: list[OutputTensor],
+    by_name: dict[str, OutputTensor],
     out_key: str | None,
     out_st: str,
     out_dtype: torch.dtype,
@@ -258,8 +239,8 @@ def _resolve_ties(
     out_o = _make_output(t, out_name, t.base.entries[embed_key], out_st) if out_name else by_name[out_key]
     reader = st.Reader()
     try:
-        e_t = _produce(by_name[embed_key], reader, out_dtype)
-        o_t = _produce(out_o, reader, out_dtype)
+        e_t = produce(by_name[embed_key], reader, out_dtype)
+        o_t = produce(out_o, reader, out_dtype)
     finally:
         reader.close()
     same = _nearly_equal(e_t, o_t)
@@ -280,7 +261,7 @@ def _resolve_ties(
 def _new_vocab(
     t: _Targets,
     resized: dict[str, int],
-    by_name: dict[str, _Output],
+    by_name: dict[str, OutputTensor],
     out_key: str | None,
     config: dict,
     notes: list[str],
@@ -296,7 +277,7 @@ def _new_vocab(
     size = next(iter(sizes.values()))
     if size == t.vocab:
         return None
-    _set_config(config, "vocab_size", size)
+    set_config(config, "vocab_size", size)
     notes.append(f"vocabulary resized by the adapter: vocab_size {t.vocab} -> {size}")
     return size
 
@@ -304,11 +285,11 @@ def _new_vocab(
 def _output_config(config: dict, untie: bool, out_st: str) -> str:
     """Edit the copied base config for the merged model (ties, no quantization, dtype); returns the dtype name."""
     if untie:
-        _set_config(config, "tie_word_embeddings", False)
-    for c in _sub_configs(config):
+        set_config(config, "tie_word_embeddings", False)
+    for c in sub_configs(config):
         c.pop("quantization_config", None)
-    dtype_name = _ST_TO_NAME[out_st]
-    for c in [c for c in _sub_configs(config) if "dtype" in c or "torch_dtype" in c] or [config]:
+    dtype_name = ST_TO_NAME[out_st]
+    for c in [c for c in sub_configs(config) if "dtype" in c or "torch_dtype" in c] or [config]:
         if "torch_dtype" in c:
             c["torch_dtype"] = dtype_name
         if "dtype" in c or "torch_dtype" not in c:
@@ -316,9 +297,9 @@ def _output_config(config: dict, untie: bool, out_st: str) -> str:
     return dtype_name
 
 
-def _shard(outputs: list[_Output], shard_limit: int) -> tuple[list[list[_Output]], list[str]]:
+def _shard(outputs: list[OutputTensor], shard_limit: int) -> tuple[list[list[OutputTensor]], list[str]]:
     """Greedy in base order, like transformers (a tensor larger than the limit gets a shard of its own)."""
-    shards: list[list[_Output]] = []
+    shards: list[list[OutputTensor]] = []
     size = 0
     for o in outputs:
         if not shards or (size + o.nbytes > shard_limit and shards[-1]):
@@ -351,9 +332,9 @@ def _check_loras(cfg, wfile, lora_by_base, bias_by_base, base, effective_shape, 
     for name, lm in lora_by_base.items():
         have = effective_shape(name)
         r_default = cfg.get("r") if cfg.get("r") is not None else lm.A.shape[0]
-        r = int(_pattern_value(cfg.get("rank_pattern"), lm.module, r_default))
+        r = int(pattern_value(cfg.get("rank_pattern"), lm.module, r_default))
         alpha_default = cfg.get("lora_alpha") if cfg.get("lora_alpha") is not None else 8  # LoraConfig's default
-        alpha = _pattern_value(cfg.get("alpha_pattern"), lm.module, alpha_default)
+        alpha = pattern_value(cfg.get("alpha_pattern"), lm.module, alpha_default)
         if lm.A.shape[0] != r:
             raise UsageError(
                 f"{wfile}: {lm.keys['A']} has rank {lm.A.shape[0]} but adapter_config.json says r={r} for {lm.module}"
@@ -361,40 +342,42 @@ def _check_loras(cfg, wfile, lora_by_base, bias_by_base, base, effective_shape, 
         lm.r = r
         lm.scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         if len(have) != 2:
-            raise UsageError(f"{name}: LoRA target is not a 2-D weight (base has {_shape(have)})")
+            raise UsageError(f"{name}: LoRA target is not a 2-D weight (base has {fmt_shape(have)})")
         if lm.embedding:
             want = (lm.A.shape[1], lm.B.shape[0])
             if have != want:
-                raise UsageError(f"{name}: adapter expects {_shape(want)} but base has {_shape(have)} - {mismatch}")
+                raise UsageError(
+                    f"{name}: adapter expects {fmt_shape(want)} but base has {fmt_shape(have)} - {mismatch}")
             mag_len = want[1]
         else:
             want = (lm.B.shape[0], lm.A.shape[1])
             direct, transposed = have == want, have == want[::-1]
             if direct and transposed:  # square: ask the model which layer type it is (Conv1D stores (in, out))
                 if kinds is None:
-                    kinds = _module_kinds(base.path) if (fif_cfg or _any_transposed(lora_by_base, base)) else {}
+                    kinds = module_kinds(base.path) if (fif_cfg or _any_transposed(lora_by_base, base)) else {}
                 kind = kinds.get(lm.module)
                 lm.fan_in_fan_out = (kind == "Conv1D") if kind else fif_cfg
             elif direct or transposed:
                 lm.fan_in_fan_out = transposed
             else:
                 shown = want[::-1] if fif_cfg else want
-                raise UsageError(f"{name}: adapter expects {_shape(shown)} but base has {_shape(have)} - {mismatch}")
+                raise UsageError(
+                    f"{name}: adapter expects {fmt_shape(shown)} but base has {fmt_shape(have)} - {mismatch}")
             mag_len = want[0]
         if lm.magnitude is not None and tuple(lm.magnitude.shape) != (mag_len,):
             raise UsageError(
-                f"{name}: DoRA magnitude {lm.keys['mag']} has shape {_shape(tuple(lm.magnitude.shape))}, "
+                f"{name}: DoRA magnitude {lm.keys['mag']} has shape {fmt_shape(tuple(lm.magnitude.shape))}, "
                 f"expected ({mag_len},) - {mismatch}"
             )
     for name, lm in bias_by_base.items():
         if base.entries[name].shape != tuple(lm.B_bias.shape):
             raise UsageError(
-                f"{name}: adapter expects {_shape(tuple(lm.B_bias.shape))} but base has "
-                f"{_shape(base.entries[name].shape)} - {mismatch}"
+                f"{name}: adapter expects {fmt_shape(tuple(lm.B_bias.shape))} but base has "
+                f"{fmt_shape(base.entries[name].shape)} - {mismatch}"
             )
 
 
-def _any_transposed(loras: dict[str, _LoraModule], base: _BaseCheckpoint) -> bool:
+def _any_transposed(loras: dict[str, LoraModule], base: BaseCheckpoint) -> bool:
     for name, lm in loras.items():
         if not lm.embedding and name in base.entries:
             have, want = base.entries[name].shape, (lm.B.shape[0], lm.A.shape[1])

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from neftune_cli.io.errors import UsageError, first_line
-from neftune_cli.merge.verify import _probe_ids, _quiet
+from neftune_cli.merge.verify import probe_ids, quiet_libraries
 from neftune_cli.recipe.schema import ModelSection
 from neftune_cli.train.checkpoint import META_FILE
 
@@ -46,7 +46,7 @@ def quantization_gap(spec: ModelSection, base_dir: Path, adapter_dir: Path, merg
 
     what = f"{spec.quantization}{' + double quant' if spec.double_quant else ''}"
     try:
-        with _quiet():
+        with quiet_libraries():
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
@@ -58,7 +58,7 @@ def quantization_gap(spec: ModelSection, base_dir: Path, adapter_dir: Path, merg
             keep_cpu_layout(model)
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
             with torch.no_grad():
-                trained = model(input_ids=_probe_ids(merged_logits.shape[-1]).to(dev)).logits.float().cpu()
+                trained = model(input_ids=probe_ids(merged_logits.shape[-1]).to(dev)).logits.float().cpu()
     except UsageError as e:  # bitsandbytes missing: say so, the merge stands
         return f"quantization gap: not measured ({e})"
     except Exception as e:  # noqa: BLE001 - information only: the merge is verified already

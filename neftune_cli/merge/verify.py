@@ -13,7 +13,7 @@ import torch
 from neftune_cli.io.errors import RuntimeFailure, UsageError, first_line
 
 if TYPE_CHECKING:
-    from neftune_cli.merge.plan import _Plan
+    from neftune_cli.merge.plan import Plan
 
 # Verification tolerances on max |logit diff|, relative to max(1, max |reference logit|). The reference is the base
 # plus the adapter through peft, in fp32 from the unmerged weights; the merged model also runs in fp32, so the only
@@ -30,7 +30,7 @@ _PROBE_SHAPE = (2, 16)
 _PROBE_SEED = 1234
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
@@ -39,13 +39,13 @@ def _check_device(device: str) -> None:
         raise UsageError(f"device {device!r} requested for verification but CUDA is not available (use --device cpu)")
 
 
-def _probe_ids(vocab: int) -> torch.Tensor:
+def probe_ids(vocab: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(_PROBE_SEED)
     return torch.randint(0, vocab, _PROBE_SHAPE, generator=g)
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """No transformers/peft warnings or progress bars while loading the models we compare."""
     import warnings
 
@@ -65,13 +65,13 @@ def _quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _verify(base_dir: Path, adapter_dir: Path, merged_dir: Path, device: str, plan: _Plan, log
+def verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, device: str, plan: Plan, log
             ) -> tuple[float, torch.Tensor]:
     """Max |logit diff| between base+adapter (peft, fp32) and the merged model (fp32) on a fixed probe batch, and
     the merged model's logits there."""
     import transformers
 
-    with _quiet():
+    with quiet_libraries():
         try:
             from peft import PeftModel
 
@@ -81,7 +81,7 @@ def _verify(base_dir: Path, adapter_dir: Path, merged_dir: Path, device: str, pl
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
             model.to(device).eval()
             vocab = model.get_input_embeddings().weight.shape[0]
-            ids = _probe_ids(vocab).to(device)
+            ids = probe_ids(vocab).to(device)
             with torch.no_grad():
                 ref = model(input_ids=ids).logits.float().cpu()
         except Exception as e:  # noqa: BLE001

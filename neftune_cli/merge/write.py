@@ -1,4 +1,4 @@
-"""Writing: the output checks, the merge arithmetic (peft's, in float32) and the streamed shards and side files."""
+"""Writing: the output checks, the streamed shards and the side files."""
 
 from __future__ import annotations
 
@@ -15,31 +15,28 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from neftune_cli.io import faults
 from neftune_cli.io import safetensors_io as st
 from neftune_cli.io.atomic import STALE_S, TMP_PREFIX
 from neftune_cli.io.errors import RuntimeFailure, UsageError
 from neftune_cli.merge.common import (
-    _FLOAT_ST,
     SAFE_INDEX,
     TOKENIZER_DIRS,
     TOKENIZER_FILES,
     TOKENIZER_MARKERS,
-    _fmt_bytes,
+    fmt_bytes,
 )
+from neftune_cli.merge.tensors import produce
 from neftune_cli.models.serving_files import CONFIG, GENERATION, loadable_config
 
 if TYPE_CHECKING:
-    from neftune_cli.merge.adapter import _LoraModule
-    from neftune_cli.merge.base import _BaseCheckpoint
-    from neftune_cli.merge.plan import _Output, _Plan
+    from neftune_cli.merge.base import BaseCheckpoint
+    from neftune_cli.merge.plan import Plan
 
 _OWNER_FILE = ".neftune-merge-owner"  # in a merge's temporary folder: {"pid", "host"} of the process writing it
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise UsageError(f"output path {out} exists and is not a directory")
@@ -56,7 +53,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UsageError(f"output folder {out.parent} is not writable")
 
 
-def _remove_stale_temps(out: Path, log: Callable[[str], None]) -> None:
+def remove_stale_temps(out: Path, log: Callable[[str], None]) -> None:
     """Remove the temporary folders that earlier merges into ``out`` left beside it when killed (kill -9, power loss).
 
     Only ours and only for this target: ``.tmp-<out name>-XXXXXXXX``, the names ``atomic_dir`` gives. A folder whose
@@ -82,12 +79,12 @@ def _remove_stale_temps(out: Path, log: Callable[[str], None]) -> None:
             f"{', '.join(removed)}")
 
 
-def _claim(tmp: Path) -> None:
-    """Mark ``tmp`` as this process's work in progress (see _remove_stale_temps)."""
+def claim(tmp: Path) -> None:
+    """Mark ``tmp`` as this process's work in progress (see remove_stale_temps)."""
     (tmp / _OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
 
 
-def _release(tmp: Path) -> None:
+def release(tmp: Path) -> None:
     (tmp / _OWNER_FILE).unlink(missing_ok=True)
 
 
@@ -122,7 +119,7 @@ def _write_failure(e: OSError, path: Path | str) -> RuntimeFailure:
     return RuntimeFailure(f"writing {path} failed: {e.strerror or e}")
 
 
-def _check_not_overlapping(out: Path, inputs: Iterable[Path]) -> None:
+def check_not_overlapping(out: Path, inputs: Iterable[Path]) -> None:
     o = out.resolve()
     for p in inputs:
         r = p.resolve()
@@ -130,7 +127,7 @@ def _check_not_overlapping(out: Path, inputs: Iterable[Path]) -> None:
             raise UsageError(f"output directory {out} would replace the input {p}; choose another --out")
 
 
-def _check_disk_space(folder: Path, nbytes: int) -> None:
+def check_disk_space(folder: Path, nbytes: int) -> None:
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
@@ -138,61 +135,13 @@ def _check_disk_space(folder: Path, nbytes: int) -> None:
     need = int(nbytes * 1.02) + 50 * 2**20
     if free < need:
         raise RuntimeFailure(
-            f"not enough disk space in {folder}: the merged model needs about {_fmt_bytes(need)}, "
-            f"{_fmt_bytes(free)} free"
+            f"not enough disk space in {folder}: the merged model needs about {fmt_bytes(need)}, "
+            f"{fmt_bytes(free)} free"
         )
 
 
-def _lora_delta(lm: _LoraModule) -> torch.Tensor:
-    """scaling * B @ A in float32, laid out like the base weight (exactly peft's get_delta_weight arithmetic)."""
-    A, B = lm.A.float(), lm.B.float()
-    delta = B @ A
-    if lm.embedding or lm.fan_in_fan_out:
-        delta = delta.T
-    return delta.mul_(lm.scaling)  # in place: same arithmetic as peft's `* scaling`, one full-size buffer less
-
-
-def _apply_lora(w: torch.Tensor, lm: _LoraModule) -> torch.Tensor:
-    """Merge one LoRA module into the float32 weight ``w`` (peft's merge, vanilla or DoRA)."""
-    delta = _lora_delta(lm)
-    if lm.magnitude is None:
-        w += delta
-        return w
-    # DoRA: W' = m / ||W0 + dW|| * (W0 + dW), the norm taken per output feature (per embedding dim for
-    # embeddings), exactly as peft's DoraLinearVariant / DoraEmbeddingVariant merge.
-    combined = w + delta
-    mag = lm.magnitude.float()
-    if lm.embedding:
-        factor = (mag / torch.linalg.norm(combined.T, dim=1)).view(1, -1)
-    elif lm.fan_in_fan_out:
-        factor = (mag / torch.linalg.norm(combined.T, dim=1)).view(-1, 1).T
-    else:
-        factor = (mag / torch.linalg.norm(combined, dim=1)).view(-1, 1)
-    return factor * combined
-
-
-def _produce(o: _Output, reader: st.Reader, out_dtype: torch.dtype) -> torch.Tensor:
-    """The final tensor for an output entry (only called for modified tensors or dtype casts)."""
-    t = o.replacement.tensor if o.replacement is not None else reader.read(o.src)
-    if o.lora is not None or o.bias_lora is not None:
-        w = t.to(torch.float32, copy=True)
-        if o.lora is not None:
-            w = _apply_lora(w, o.lora)
-        if o.bias_lora is not None:
-            w += o.bias_lora.B_bias.float() * o.bias_lora.scaling
-        # NaN/inf make the sum non-finite; the exact elementwise check (4x slower) only runs when it is
-        if not math.isfinite(w.sum().item()) and not torch.isfinite(w).all():
-            raise RuntimeFailure(f"{o.name}: merging the adapter produced NaN/inf values; the adapter is broken")
-        t = w
-    if o.st_dtype in _FLOAT_ST:
-        t = t.to(st.ST_DTYPES[o.st_dtype][0])
-    if tuple(t.shape) != o.shape:  # guarded by planning; never write a header that lies
-        raise RuntimeError(f"internal error: {o.name} has shape {tuple(t.shape)}, planned {o.shape}")
-    return t
-
-
-def _write_model(
-    plan: _Plan, base: _BaseCheckpoint, folder: Path, log: Callable[[str], None], out: Path | None = None
+def write_model(
+    plan: Plan, base: BaseCheckpoint, folder: Path, log: Callable[[str], None], out: Path | None = None
 ) -> None:
     """Write the shards (and their index) into ``folder``; messages name the files as ``out`` (the final folder)."""
     shown = out or folder
@@ -206,7 +155,7 @@ def _write_model(
                 if not o.modified and o.src is not None and o.src.dtype == o.st_dtype:
                     writer = lambda f, e=o.src: reader.copy_to(e, f)  # noqa: E731
                 else:
-                    writer = lambda f, o=o: f.write(st.tensor_bytes(_produce(o, reader, plan.out_dtype)))  # noqa: E731
+                    writer = lambda f, o=o: f.write(st.tensor_bytes(produce(o, reader, plan.out_dtype)))  # noqa: E731
                 items.append((o.name, o.st_dtype, o.shape, writer))
             try:
                 st.write_shard(folder / fname, items, {"format": "pt"})
@@ -219,7 +168,7 @@ def _write_model(
             extra = f", {replaced} replaced" if replaced else ""
             log(
                 f"shard {i + 1}/{len(plan.shards)}: {fname} ({len(shard)} tensors, {merged} merged{extra}, "
-                f"{_fmt_bytes(sum(o.nbytes for o in shard))})"
+                f"{fmt_bytes(sum(o.nbytes for o in shard))})"
             )
             gc.collect()
     finally:
@@ -230,7 +179,7 @@ def _write_model(
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_side_files(plan: _Plan, base: _BaseCheckpoint, adapter_dir: Path, given: Path, folder: Path) -> None:
+def write_side_files(plan: Plan, base: BaseCheckpoint, adapter_dir: Path, given: Path, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     # a run's own generation config first: it also stops on the template's end-of-turn token
     generation = next((d / GENERATION for d in (adapter_dir, base.path) if (d / GENERATION).is_file()), None)

@@ -143,6 +143,12 @@ class RunDir:
 
 
 
+def save_final(run: RunDir, model, serving_files: TokenizerFiles, weights: dict | None = None) -> None:
+    with atomic_dir(run.final) as tmp:
+        save_model(model, tmp, weights)
+        serving_files.write(tmp)
+
+
 def save_model(model, folder: Path, state_dict: dict | None = None) -> None:
     """PEFT adapter (adapter_config.json + adapter_model.safetensors) or a full HF model; `state_dict`: the whole
     weights when FSDP holds the model's in shards."""
@@ -219,13 +225,13 @@ def load_weights(model, checkpoint: Checkpoint) -> None:
 
 
 def save_checkpoint(
-    run: RunDir, step: int, model, trainer_state: dict, meta: dict, keep_last: int, hand_on: TokenizerFiles,
+    run: RunDir, step: int, model, trainer_state: dict, meta: dict, keep_last: int, serving_files: TokenizerFiles,
     weights: dict | None = None,
 ) -> Path:
     target = run.checkpoints / f"step-{step}"
     with atomic_dir(target) as tmp:
         save_model(model, tmp, weights)
-        hand_on.write(tmp)  # a checkpoint serves (or merges) like final/
+        serving_files.write(tmp)  # a checkpoint serves (or merges) like final/
         faults.checkpoint(f"checkpoint-write-{step}")
         torch.save(trainer_state, tmp / STATE_FILE)
         # meta.json last: a folder without it is not a checkpoint (see checkpoint_steps)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from torch import nn
 
 from neftune_cli.io import console
@@ -59,70 +59,70 @@ def init(mode: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(mode=mode)
-    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), mode)
-    if not d.main:  # one voice: rank 0 logs; the others print only their own errors (see cli.main)
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), mode)
+    if not dist.main:  # one voice: rank 0 logs; the others print only their own errors (see cli.main)
         console.out.quiet = console.err.quiet = True
-    if not dist.is_initialized():
+    if not torch_dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(d.local_rank)
+            torch.cuda.set_device(dist.local_rank)
         # A long timeout: rank 0 alone tokenizes the data while the others wait at a barrier.
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
-    return d
+        torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
+    return dist
 
 
-def shutdown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(dist: Dist) -> None:
+    if dist.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
-def check_batch(grad_accum: int, micro_batch_size: int, d: Dist) -> None:
-    if grad_accum % d.world:
+def check_batch(grad_accum: int, micro_batch_size: int, dist: Dist) -> None:
+    if grad_accum % dist.world:
         raise UsageError(
-            f"train.grad_accum {grad_accum} does not divide among {d.world} processes: a step is {grad_accum} "
+            f"train.grad_accum {grad_accum} does not divide among {dist.world} processes: a step is {grad_accum} "
             f"micro-batches of {micro_batch_size} examples in total, and each process runs the same number of them; "
-            f"use a multiple of {d.world} (e.g. {d.world * max(1, round(grad_accum / d.world))})"
+            f"use a multiple of {dist.world} (e.g. {dist.world * max(1, round(grad_accum / dist.world))})"
         )
 
 
-def my_share(items: list, d: Dist, pad: bool = False) -> list:
+def my_share(items: list, dist: Dist, pad: bool = False) -> list:
     """This rank's micro-batches of a step (or batches of the eval set): r, r + W, r + 2W, ...
 
     pad: None fills the shares that come up short (an epoch's last step), so every rank runs as many forwards
     and backwards as the others: gradient reduction and FSDP's gathers need every rank, every time.
     """
-    share = items[d.rank :: d.world]
-    return share + [None] * (-(-len(items) // d.world) - len(share)) if pad else share
+    share = items[dist.rank :: dist.world]
+    return share + [None] * (-(-len(items) // dist.world) - len(share)) if pad else share
 
 
-def sum_all(values: list[float], d: Dist) -> list[float]:
+def sum_all(values: list[float], dist: Dist) -> list[float]:
     """Element-wise sums over the ranks (one small all-reduce); the values themselves with one process."""
-    if not d.enabled:
+    if not dist.enabled:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
+    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    torch_dist.all_reduce(t)
     return t.tolist()
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
+        torch_dist.barrier()
 
 
 @contextmanager
-def main_first(d: Dist):
+def main_first(dist: Dist):
     """Rank 0 runs the block first (tokenize and cache the data, clean the run dir), then the others."""
-    if not d.main:
-        barrier(d)
+    if not dist.main:
+        barrier(dist)
     yield
-    if d.main:
-        barrier(d)
+    if dist.main:
+        barrier(dist)
 
 
-def wrap(trainer: nn.Module, d: Dist) -> nn.Module:
+def wrap(lm_loss: nn.Module, dist: Dist) -> nn.Module:
     """DDP, or FSDP2 (``fully_shard`` per decoder layer, then the whole), around the training forward."""
-    if not d.enabled:
-        return trainer
-    if d.mode == "ddp":
+    if not dist.enabled:
+        return lm_loss
+    if dist.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         # No buffer sync in forward: rotary caches are the same everywhere, and eval's shares of batches differ in
@@ -130,60 +130,60 @@ def wrap(trainer: nn.Module, d: Dist) -> nn.Module:
         no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                    inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
         return DistributedDataParallel(
-            trainer, device_ids=[d.local_rank] if d.device.type == "cuda" else None, **no_sync
+            lm_loss, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, **no_sync
         )
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if (
-        d.device.type == "cuda") else MixedPrecisionPolicy()
-    for layer in decoder_layers(trainer):
+        dist.device.type == "cuda") else MixedPrecisionPolicy()
+    for layer in decoder_layers(lm_loss):
         fully_shard(layer, mp_policy=policy)
-    fully_shard(trainer, mp_policy=policy)
-    return trainer
+    fully_shard(lm_loss, mp_policy=policy)
+    return lm_loss
 
 
-def decoder_layers(trainer: nn.Module) -> list[nn.Module]:
-    layers = getattr(trainer.decoder, "layers", None)
+def decoder_layers(lm_loss: nn.Module) -> list[nn.Module]:
+    layers = getattr(lm_loss.decoder, "layers", None)
     if layers is None:
         raise UsageError("train.distributed: fsdp needs a decoder with a `layers` list (Llama, Mistral, Qwen...); "
                          "use train.distributed: ddp")
     return list(layers)
 
 
-def grad_sync(module: nn.Module, d: Dist, last: bool):
+def grad_sync(module: nn.Module, dist: Dist, last: bool):
     """Gradients are reduced across ranks once per step, on its last micro-batch, not on every one."""
-    if not d.enabled or last:
-        if d.fsdp:
+    if not dist.enabled or last:
+        if dist.fsdp:
             module.set_requires_gradient_sync(True)
         return nullcontext()
-    if d.fsdp:
+    if dist.fsdp:
         module.set_requires_gradient_sync(False)
         return nullcontext()
     return module.no_sync()
 
 
-def gather_object(obj, d: Dist) -> list:
+def gather_object(obj, dist: Dist) -> list:
     """Every rank's `obj`, in rank order, on rank 0 (others get [])."""
-    if not d.enabled:
+    if not dist.enabled:
         return [obj]
-    out = [None] * d.world if d.main else None
-    dist.gather_object(obj, out, dst=0)
+    out = [None] * dist.world if dist.main else None
+    torch_dist.gather_object(obj, out, dst=0)
     return out or []
 
 
-def full_model_state(model: nn.Module, d: Dist) -> dict | None:
+def full_model_state(model: nn.Module, dist: Dist) -> dict | None:
     """The unsharded weights (on rank 0, on the CPU) when FSDP holds them in shards; None otherwise (the model's
     own state dict is whole). Every rank must call it."""
-    if not d.fsdp:
+    if not dist.fsdp:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def optimizer_state(model: nn.Module, optimizer, d: Dist) -> dict:
+def optimizer_state(model: nn.Module, optimizer, dist: Dist) -> dict:
     """The optimizer state to save: whole on rank 0 even when FSDP shards it. Every rank must call it."""
-    if not d.fsdp:
+    if not dist.fsdp:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -191,8 +191,8 @@ def optimizer_state(model: nn.Module, optimizer, d: Dist) -> dict:
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_state(model: nn.Module, optimizer, state: dict, d: Dist) -> None:
-    if not d.fsdp:
+def load_optimizer_state(model: nn.Module, optimizer, state: dict, dist: Dist) -> None:
+    if not dist.fsdp:
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -200,11 +200,16 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict, d: Dist) -> N
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local part of a tensor FSDP shards (a DTensor); the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def is_peer_failure(error: BaseException) -> bool:
     """Did a collective fail because another process died? That process prints the cause; repeating its
     consequence on every other rank would bury it."""
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return False
-    return isinstance(error, getattr(dist, "DistError", ())) or any(
+    return isinstance(error, getattr(torch_dist, "DistError", ())) or any(
         hint in str(error) for hint in ("Connection closed by peer", "remote worker", "Connection reset by peer")
     )

@@ -1,4 +1,4 @@
-"""The training forward: embeddings, NEFTune noise, decoder, and a token-summed cross-entropy.
+"""The training forward: embeddings, NEFTune noise, decoder, and a token-summed cross-entropy; and the eval loss.
 
 We compute the input embeddings ourselves and pass ``inputs_embeds`` (as the paper's code does) instead of
 hooking the embedding layer: the noise needs each example's length, which only the batch knows, and there is
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from neftune_cli.train import parallel
 from neftune_cli.train.noise import add_noise, noise_norms
 
 # Tokens per chunk of the output head + loss: the fp32 logits of one chunk exist at a time (recomputed in
@@ -59,19 +60,37 @@ class CausalLMLoss(nn.Module):
 
 
 @torch.no_grad()
-def attention_stays_within_examples(trainer: CausalLMLoss) -> bool:
+def attention_stays_within_examples(lm_loss: CausalLMLoss) -> bool:
     """Does the decoder keep packed examples apart? (transformers derives the segments from position_ids;
     remote model code or an old version may not, and then examples would silently attend to each other.)
 
     Two rows share their second example and differ in the first; its hidden states must be identical.
     """
-    was_training = trainer.training
-    trainer.eval()
-    device = trainer.head.weight.device
+    was_training = lm_loss.training
+    lm_loss.eval()
+    device = lm_loss.head.weight.device
     first = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], device=device)
     second = torch.tensor([[13, 14, 15, 16]] * 2, device=device)
     ids = torch.cat([first, second], dim=1)
     positions = torch.arange(4, device=device).repeat(2, 2)
-    hidden = trainer.decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
-    trainer.train(was_training)
+    hidden = lm_loss.decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    lm_loss.train(was_training)
     return torch.allclose(hidden[0, 4:].float(), hidden[1, 4:].float(), atol=1e-3, rtol=1e-3)
+
+
+def evaluate(lm_loss: CausalLMLoss, dataset, batch_of, batch_size: int, dist: parallel.Dist = parallel.SINGLE
+             ) -> float:
+    """Mean token loss over the eval set: eval mode (no dropout, no noise), no gradients; ranks share the batches."""
+    lm_loss.train(False)
+    total, count = 0.0, 0
+    # FSDP: every rank runs every forward (they gather the shards together), a stand-in where its share is short
+    starts = parallel.my_share(list(range(0, len(dataset), batch_size)), dist, pad=dist.fsdp)
+    with torch.no_grad():
+        for start in starts:
+            indices = list(range(start or 0, min((start or 0) + batch_size, len(dataset))))
+            loss, n, _ = lm_loss(**batch_of(dataset, indices))
+            if start is not None:
+                total, count = total + loss.item(), count + n
+    lm_loss.train(True)
+    total, count = parallel.sum_all([total, count], dist)
+    return total / max(count, 1)
