@@ -42,7 +42,7 @@ def main() -> None:
         os.environ["NEFTUNE_CACHE"] = cache_dir  # fresh: the first run is cold
         from transformers import AutoTokenizer
 
-        from neftune_cli.data import prepare
+        from neftune_cli.data.pipeline import prepare
         from neftune_cli.recipe.load import validate
 
         data = {

@@ -96,7 +96,7 @@ def trained_text(tokenizer, example: dict) -> str:
 
 def prepared(tmp_path: Path, records: list, tokenizer, name: str = "data.jsonl", log=None, **data):
     """prepare() on these records written as JSON lines (source options via ``source={...}``)."""
-    from neftune_cli.data import prepare
+    from neftune_cli.data.pipeline import prepare
 
     source = {"path": str(write_jsonl(tmp_path / name, records)), **data.pop("source", {})}
     return prepare(recipe([source], **data), tokenizer, log=log or (lambda message: None))

@@ -14,7 +14,7 @@ import pytest
 from neftune_cli.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
 from neftune_cli.demo import builtin
 from neftune_cli.demo import tasks as demo_tasks
-from neftune_cli.io import atomic
+from neftune_cli.io import atomic, cache_dir
 from neftune_cli.io.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -77,10 +77,10 @@ def test_materialize_reuses_a_complete_folder(tiny_model_dir, neftune_cache, mon
 
 def test_default_root_is_neftune_cache_env(tmp_path, monkeypatch):
     monkeypatch.setenv("NEFTUNE_CACHE", str(tmp_path / "c"))
-    assert builtin.cache_root() == tmp_path / "c"
+    assert cache_dir.cache_root() == tmp_path / "c"
     monkeypatch.delenv("NEFTUNE_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert builtin.cache_root() == tmp_path / "home" / ".cache" / "neftune-cli"
+    assert cache_dir.cache_root() == tmp_path / "home" / ".cache" / "neftune-cli"
 
 
 def test_crash_during_build_leaves_nothing(tmp_path, monkeypatch):

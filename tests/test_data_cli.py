@@ -11,7 +11,7 @@ from data_helpers import write_jsonl
 from typer.testing import CliRunner
 
 from neftune_cli.cli.data import app as data_app
-from neftune_cli.data import prepare
+from neftune_cli.data.pipeline import prepare
 from neftune_cli.io import console
 from neftune_cli.models.loading import load_tokenizer
 from neftune_cli.recipe.load import load_recipe

@@ -21,7 +21,7 @@ from data_helpers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neftune_cli.data import prompt_ids, stop_token_ids
+from neftune_cli.data.pipeline import prompt_ids, stop_token_ids
 from neftune_cli.data.templates import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, AlpacaTemplate
 from neftune_cli.io.errors import DataError
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from data_helpers import prepared, recipe, write_json, write_jsonl
 
-from neftune_cli.data import prepare
 from neftune_cli.data.cache import entry
+from neftune_cli.data.pipeline import prepare
 from neftune_cli.io.errors import DataError
 
 ALPACA = [{"instruction": f"Reverse {w}", "input": "", "output": w[::-1]} for w in ("apple", "river", "stone", "tiger")]

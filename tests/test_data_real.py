@@ -13,7 +13,7 @@ import json
 import pytest
 from data_helpers import STANFORD_INPUT, STANFORD_NO_INPUT, chat_ids, recipe, trained_text
 
-from neftune_cli.data import prepare
+from neftune_cli.data.pipeline import prepare
 from neftune_cli.io.errors import DataError
 
 TOKENIZERS = ["llama2", "mistral_v1"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neftune_cli.data import prepare
+from neftune_cli.data.pipeline import prepare
 from neftune_cli.infer import generate as gen
 from neftune_cli.infer.generate import Settings, Stops, read_prompts, stops_for
 from neftune_cli.infer.target import Target, plain_data_section, resolve

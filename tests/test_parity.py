@@ -20,7 +20,7 @@ from data_helpers import STANFORD_NO_INPUT, chat_ids, prepared, recipe, word_tok
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neftune_cli.data import prepare, prompt_ids, stop_token_ids
+from neftune_cli.data.pipeline import prepare, prompt_ids, stop_token_ids
 from neftune_cli.data.templates import AlpacaTemplate, alpaca_jinja
 from neftune_cli.models.serving_files import tokenizer_files
 
@@ -32,7 +32,7 @@ def quiet(message: str) -> None:
     pass
 
 
-def hand_on(folder: Path, base: str | Path, data, tokenizer) -> Path:
+def write_serving_files(folder: Path, base: str | Path, data, tokenizer) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer_files(str(base), data, tokenizer).write(folder)
     return folder
@@ -100,7 +100,7 @@ def test_alpaca_bos_follows_the_tokenizer(tmp_path):
         assert (example["input_ids"][0] == words.bos_token_id) == add_bos
         base = tmp_path / "no-files"  # a base that ships no tokenizer files: the template is still written
         base.mkdir(exist_ok=True)
-        folder = hand_on(tmp_path / f"bos-{add_bos}", base, _data("alpaca"), words)
+        folder = write_serving_files(tmp_path / f"bos-{add_bos}", base, _data("alpaca"), words)
         assert ("bos_token" in (folder / "chat_template.jinja").read_text()) == add_bos
 
 
@@ -110,7 +110,7 @@ def test_alpaca_bos_follows_the_tokenizer(tmp_path):
 @pytest.mark.parametrize("template", ["chat", "alpaca"])
 def test_builtin_run_folder_serves_the_trained_prompts(tmp_path, tiny_model_dir, tiny_tokenizer, template):
     data = _data(template)
-    folder = hand_on(tmp_path / "final", tiny_model_dir, data, tiny_tokenizer)
+    folder = write_serving_files(tmp_path / "final", tiny_model_dir, data, tiny_tokenizer)
     serving = served(folder)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Reverse the word 'moon'."}]
     expected = chat_ids(serving, messages, add_generation_prompt=True)
@@ -174,7 +174,7 @@ def test_real_templates_served_from_the_run_folder(tmp_path, shared_data, real_t
     result = prepare(run, tokenizer, log=quiet)
     assert result.report.splits == 0 and result.report.bad == 0 and len(result.train) == len(conversations)
 
-    serving = served(hand_on(tmp_path / "final", base, data, tokenizer))
+    serving = served(write_serving_files(tmp_path / "final", base, data, tokenizer))
     assert (tmp_path / "final" / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
     shipped = json.loads((base / "tokenizer_config.json").read_text())
     written = json.loads((tmp_path / "final" / "tokenizer_config.json").read_text())
@@ -213,7 +213,7 @@ def test_a_boundary_merge_is_trained_as_served_and_splits_later_turns(tmp_path, 
     result = prepared(tmp_path, [{"messages": messages}], tokenizer, template="custom", chat_template=template)
     assert result.report.splits == 1 and len(result.train) == 2
     data = _data("custom", chat_template=template)
-    serving = served(hand_on(tmp_path / "final", base, data, tokenizer))
+    serving = served(write_serving_files(tmp_path / "final", base, data, tokenizer))
     for k, example in zip((1, 3), result.train, strict=True):
         prompt = chat_ids(serving, messages[:k], add_generation_prompt=True)
         assert tokenizer.convert_ids_to_tokens(prompt[-1]) == "▁"
@@ -270,7 +270,7 @@ def test_another_transformers_version_reads_the_same_folders(tmp_path, tiny_mode
     folders = {}
     for template in ("chat", "alpaca"):
         data = _data(template)
-        folder = hand_on(tmp_path / template, tiny_model_dir, data, tiny_tokenizer)
+        folder = write_serving_files(tmp_path / template, tiny_model_dir, data, tiny_tokenizer)
         folders[str(folder)] = ([prompt_ids(m, data, tiny_tokenizer) for m in messages], messages)
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "llama2"
     if shared.is_dir():
@@ -280,7 +280,7 @@ def test_another_transformers_version_reads_the_same_folders(tmp_path, tiny_mode
         chat_template = (shared.parents[1] / "chat_templates" / "llama-2-chat.jinja").read_text()
         for template, options in (("alpaca", {}), ("custom", {"chat_template": chat_template})):
             data = _data(template, **options)
-            folder = hand_on(tmp_path / f"llama-{template}", shared, data, llama)
+            folder = write_serving_files(tmp_path / f"llama-{template}", shared, data, llama)
             folders[str(folder)] = ([prompt_ids(m, data, llama) for m in messages], messages)
     ids = tiny_tokenizer("Reverse the word 'moon'.")["input_ids"]
     job = {"folders": {f: m for f, (_, m) in folders.items()}, "model": str(tiny_model_dir), "ids": ids}

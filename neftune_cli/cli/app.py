@@ -21,6 +21,7 @@ except ImportError:
 
 from neftune_cli import __version__
 from neftune_cli.cli.data import app as data_app
+from neftune_cli.cli.launch import EXIT_CODE_DIR, run_torchrun
 from neftune_cli.io.console import err, log, out, stdout_is_tty
 from neftune_cli.io.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, first_line
 from neftune_cli.models.quantization import require_bitsandbytes
@@ -36,7 +37,6 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data", help="Inspect how a recipe's data is tokenized and masked.")
 
-EXIT_CODE_DIR = "NEFTUNE_EXIT_CODE_DIR"
 RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
 SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. train.lr=1e-4. Repeatable.")
 
@@ -120,7 +120,7 @@ def train(
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other")
     if nproc is not None and "WORLD_SIZE" not in os.environ:
-        _run_torchrun(nproc)
+        run_torchrun(nproc)
     loaded = load_recipe(recipe, set_)
     if loaded.recipe.model.quantization:  # before the data step, not after it
         require_bitsandbytes(f"model.quantization: {loaded.recipe.model.quantization}")
@@ -272,35 +272,6 @@ def plot(
 
     plot_curves(runs, out_file)
     out.print(f"wrote {out_file}", markup=False)
-
-
-def _run_torchrun(nproc: int) -> None:
-    """`neftune train ... --nproc N` is `torchrun --standalone --nproc_per_node N -m neftune_cli train ...`, with
-    our exit codes: torchrun reports any failure as 1, so each rank leaves its own code in a file for us."""
-    import signal
-    import subprocess
-    import tempfile
-
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip or arg == "--nproc":
-            skip = not skip
-            continue
-        if not arg.startswith("--nproc="):
-            args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "neftune_cli", *args]
-    log(f"running: {shlex.join(command[1:])}")
-    with tempfile.TemporaryDirectory(prefix="neftune-exit-") as codes:
-        child = subprocess.Popen(command, env={**os.environ, EXIT_CODE_DIR: codes})
-        # A scheduler's SIGTERM may reach only us: pass it on (torchrun passes it to every rank).
-        signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the ranks through the terminal already
-        launcher = child.wait()
-        ranks = [int(p.read_text()) for p in Path(codes).iterdir()]
-    failed = [c for c in ranks if c]
-    # a specific code (2 usage, 130/143 signals) over the generic 1 of ranks that failed because another did
-    sys.exit(next((c for c in failed if c != EXIT_RUNTIME), failed[0] if failed else launcher))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,7 +33,7 @@ def _load(recipe: Path, overrides: list[str] | None):
 
 
 def _prepare(loaded):
-    from neftune_cli.data import prepare
+    from neftune_cli.data.pipeline import prepare
     from neftune_cli.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(loaded.recipe.model)

@@ -19,8 +19,8 @@ from pathlib import Path
 from neftune_cli.data.report import Report
 from neftune_cli.data.sources import Source
 from neftune_cli.data.tokenize import Encoder
-from neftune_cli.demo.builtin import cache_root
 from neftune_cli.io.atomic import atomic_dir, clean_stale
+from neftune_cli.io.cache_dir import cache_root
 from neftune_cli.io.errors import first_line
 from neftune_cli.recipe.load import stable_hash
 from neftune_cli.recipe.schema import DataSection

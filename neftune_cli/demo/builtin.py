@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from neftune_cli.io.atomic import atomic_dir, clean_stale
+from neftune_cli.io.cache_dir import cache_root
 from neftune_cli.io.errors import UsageError
 
 PREFIX = "builtin:"
@@ -70,11 +70,6 @@ def available() -> str:
 
 def _unknown(name: str) -> UsageError:
     return UsageError(f"model.name_or_path: unknown builtin model '{name}'; available: {available()}")
-
-
-def cache_root() -> Path:
-    env = os.environ.get("NEFTUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "neftune-cli"
 
 
 def folder_name(name: str) -> str:

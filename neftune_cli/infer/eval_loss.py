@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from neftune_cli.data import prepare
 from neftune_cli.data.batching import IGNORE, batch_builder
+from neftune_cli.data.pipeline import prepare
 from neftune_cli.infer.target import Target
 from neftune_cli.io.console import log
 from neftune_cli.io.errors import UsageError

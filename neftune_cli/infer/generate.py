@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from neftune_cli.data import prompt_ids, stop_token_ids
+from neftune_cli.data.pipeline import prompt_ids, stop_token_ids
 from neftune_cli.data.templates import end_of_turn, make_template
 from neftune_cli.infer.target import Target
 from neftune_cli.io.atomic import atomic_file

@@ -49,7 +49,7 @@ class TokenizerFiles:
 
 def tokenizer_files(base: str, data: DataSection, tokenizer) -> TokenizerFiles:
     """The files for a run on ``base`` (a local folder or hub id, as loaded) whose data section is ``data``."""
-    from neftune_cli.data import stop_token_ids  # here: merge imports this module and needs no data pipeline
+    from neftune_cli.data.pipeline import stop_token_ids  # here: merge imports this module and needs no data pipeline
     from neftune_cli.data.templates import make_template
 
     files = {name: content for name in BASE_FILES if (content := _base_file(base, name)) is not None}
