@@ -24,6 +24,7 @@ from neftune_cli.cli.data import app as data_app
 from neftune_cli.cli.launch import EXIT_CODE_DIR, run_torchrun
 from neftune_cli.io.console import err, log, out, stdout_is_tty
 from neftune_cli.io.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, first_line
+from neftune_cli.models.loading import check_kernel
 from neftune_cli.models.quantization import require_bitsandbytes
 from neftune_cli.recipe.load import load_recipe
 
@@ -69,6 +70,7 @@ def validate(
     loaded = load_recipe(recipe, set_)
     for warning in loaded.warnings():
         log(f"warning: {warning}")
+    check_kernel(loaded.recipe.model)
     resolved = loaded.recipe.model_dump(mode="json")
     if as_json:
         out.print_json(json.dumps({"recipe": resolved, "provenance": loaded.provenance}))

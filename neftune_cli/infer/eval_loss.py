@@ -18,7 +18,7 @@ from neftune_cli.io.console import log
 from neftune_cli.io.errors import UsageError
 from neftune_cli.recipe.load import load_recipe
 from neftune_cli.recipe.schema import Recipe
-from neftune_cli.train.step import CausalLMLoss, evaluate
+from neftune_cli.train.step import CausalLMLoss, check_forward, evaluate
 
 
 def has_eval_data(target: Target) -> bool:
@@ -38,6 +38,7 @@ def heldout_loss(target: Target, data_spec: Path | None = None, batch_size: int 
                          "eval_size)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm_loss = CausalLMLoss(target.load(device, merge=False), None, recipe.neftune.scale)
+    check_forward(lm_loss, target.name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # as training pads
     batch_of = batch_builder(recipe.train.batching, pad_id, device)
     loss = evaluate(lm_loss, dataset, batch_of, batch_size or recipe.train.micro_batch_size)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from neftune_cli.demo import builtin
 from neftune_cli.io.errors import UsageError
+from neftune_cli.models.attention import choose_kernel
 from neftune_cli.models.quantization import bnb_config, keep_cpu_layout
 from neftune_cli.recipe.schema import ModelSection, Recipe
 
@@ -13,6 +17,27 @@ from neftune_cli.recipe.schema import ModelSection, Recipe
 def model_path(model: ModelSection) -> str:
     """The local folder or hub id to load; builtin models are materialised on first use."""
     return builtin.resolve(model.name_or_path)
+
+
+def local_config(spec: ModelSection):
+    """The model's config when it can be read without a download (local folder, builtin, hub cache), else None."""
+    from huggingface_hub import try_to_load_from_cache
+    from transformers import AutoConfig
+
+    name = spec.name_or_path
+    folder = Path(model_path(spec))
+    if not (folder / "config.json").is_file():
+        try:
+            cached = try_to_load_from_cache(name, "config.json")
+        except ValueError:  # not a valid repo id
+            return None
+        if not isinstance(cached, str):
+            return None
+        folder = Path(cached).parent
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
 
 
 def load_tokenizer(model: ModelSection):
@@ -50,9 +75,9 @@ def apply_rope_scaling(config, scaling: dict) -> None:
         raise UsageError(f"model.rope_scaling: {str(e).strip(chr(34)).splitlines()[0]}") from None
 
 
-def load_base_model(spec: ModelSection, device: torch.device):
-    """The recipe's base model as training loads it (dtype, attention, RoPE scaling); generation and eval reuse it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_config(spec: ModelSection):
+    """The model's config as training uses it (RoPE scaling applied)."""
+    from transformers import AutoConfig
 
     path = model_path(spec)
     try:
@@ -61,12 +86,34 @@ def load_base_model(spec: ModelSection, device: torch.device):
         raise UsageError(f"model.name_or_path: cannot load {path}: {str(e).splitlines()[0]}") from None
     if spec.rope_scaling is not None:
         apply_rope_scaling(config, spec.rope_scaling.as_config())
+    return config
+
+
+def resolved_kernel(spec: ModelSection) -> str:
+    """The attention kernel the model will run (auto resolved, an unsupported choice refused)."""
+    return choose_kernel(spec, load_config(spec), model_path(spec))
+
+
+def check_kernel(spec: ModelSection) -> None:
+    """validate's check of the attention kernel, where the model's config is on this machine (train always checks)."""
+    config = local_config(spec)
+    if config is not None:
+        choose_kernel(spec, config, model_path(spec))
+
+
+def load_base_model(spec: ModelSection, device: torch.device):
+    """The recipe's base model as training loads it (dtype, attention, RoPE scaling); generation and eval reuse it."""
+    from transformers import AutoModelForCausalLM
+
+    path = model_path(spec)
+    config = load_config(spec)
+    kernel = choose_kernel(spec, config, path)
     dtype = resolve_dtype(spec.dtype, device)
     # A 4-bit base is quantized as it loads onto its device (device_map); it cannot be moved afterwards.
     placement = {"quantization_config": bnb_config(spec, dtype), "device_map": {"": str(device)}} \
         if spec.quantization else {}
     model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation=spec.attn_implementation,
+        path, config=config, dtype=dtype, attn_implementation=kernel,
         trust_remote_code=spec.trust_remote_code, **placement,
     )
     if not spec.quantization:
@@ -99,4 +146,8 @@ def load_model(recipe: Recipe, device: torch.device):
     try:
         return get_peft_model(model, peft_config)
     except ValueError as e:
+        if "ParamWrapper" in str(e) and "lora_dropout" in str(e):  # peft adapts fused 3-D expert weights directly
+            raise UsageError(f"lora.dropout: {type(model).__name__} keeps its MoE experts' weights fused, which peft "
+                             "can adapt only without dropout; set lora.dropout: 0, or list lora.target_modules "
+                             "without the experts") from None
         raise UsageError(f"lora: {str(e).splitlines()[0]}") from None

@@ -7,13 +7,12 @@ model.dtype), their gradients and AdamW's two moments. Not counted: activations,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from neftune_cli.recipe.schema import BUILTIN_PREFIX, LoraSection, ModelSection
+from neftune_cli.models.loading import local_config
+from neftune_cli.recipe.schema import LoraSection, ModelSection
 
 # bitsandbytes' 4-bit layout (the QLoRA paper's): 64 weights share one scale; with double quantization the scales
 # are 8-bit, 256 of them sharing one float32 scale (4.127 bits per weight instead of 4.5).
@@ -74,29 +73,6 @@ def estimate(counts: Counts, dtype: torch.dtype, quantization: str | None, doubl
     # a gradient and two AdamW moments per trained weight, in the weight's dtype
     return WeightsMemory(base=counts.dense * size + linear, trained=counts.lora * 4 + counts.copies * size,
                          optimizer=3 * (counts.lora * 4 + counts.copies * size))
-
-
-def local_config(spec: ModelSection):
-    """The model's config when it can be read without a download (local folder, builtin, hub cache), else None."""
-    from huggingface_hub import try_to_load_from_cache
-    from transformers import AutoConfig
-
-    from neftune_cli.demo import builtin
-
-    name = spec.name_or_path
-    folder = Path(builtin.resolve(name)) if name.startswith(BUILTIN_PREFIX) else Path(name)
-    if not (folder / "config.json").is_file():
-        try:
-            cached = try_to_load_from_cache(name, "config.json")
-        except ValueError:  # not a valid repo id
-            return None
-        if not isinstance(cached, str):
-            return None
-        folder = Path(cached).parent
-    try:
-        return AutoConfig.from_pretrained(str(folder), trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError, json.JSONDecodeError):
-        return None
 
 
 def summary(spec: ModelSection, lora: LoraSection) -> list[str]:

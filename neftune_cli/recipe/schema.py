@@ -57,12 +57,13 @@ class ModelSection(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weight and compute dtype. auto: bfloat16 on CUDA, float32 on CPU."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
-        "sdpa",
-        description="Attention kernel passed to transformers. With batching: pack, flash_attention_2 (the flash-attn "
-        "package) and flex_attention (PyTorch's own, a block-sparse mask per packed row) skip the attention across "
-        "examples that sdpa/eager compute and mask; flex_attention trains on CUDA only (PyTorch has no FlexAttention "
-        "backward on a CPU).",
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto",
+        description="Attention kernel passed to transformers. auto: the best one the model supports (sdpa, else "
+        "eager); a run records the kernel it used. A kernel the model does not support is an error naming those it "
+        "takes. With batching: pack, flash_attention_2 (the flash-attn package) and flex_attention (PyTorch's own, a "
+        "block-sparse mask per packed row) skip the attention across examples that sdpa/eager compute and mask; "
+        "flex_attention trains on CUDA only (PyTorch has no FlexAttention backward on a CPU).",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub. Only when you trust it.")
     rope_scaling: RopeScaling | None = Field(

@@ -24,7 +24,7 @@ from neftune_cli.io import faults
 from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.console import log, out, stdout_is_tty
 from neftune_cli.io.errors import EXIT_SIGINT, EXIT_SIGTERM, OOM_HINT, Interrupted, RuntimeFailure, UsageError
-from neftune_cli.models.loading import load_model, load_tokenizer, model_path
+from neftune_cli.models.loading import load_model, load_tokenizer, model_path, resolved_kernel
 from neftune_cli.models.serving_files import tokenizer_files
 from neftune_cli.recipe.load import LoadedRecipe, recipe_to_yaml
 from neftune_cli.train import parallel
@@ -42,7 +42,7 @@ from neftune_cli.train.progress import Progress
 from neftune_cli.train.resume import check_resumable, restore_rng, rng_state, seed_everything
 from neftune_cli.train.schedule import Schedule
 from neftune_cli.train.signals import StopRequest, stop_on_signals
-from neftune_cli.train.step import CausalLMLoss, attention_stays_within_examples, evaluate
+from neftune_cli.train.step import CausalLMLoss, attention_stays_within_examples, check_forward, evaluate
 
 
 def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
@@ -51,6 +51,8 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
     Returns the final summary (also printed)."""
     if "tensorboard" in loaded.recipe.train.report_to:
         summary_writer_class()  # a missing extra fails now, not after tokenizing and loading the model
+    # auto becomes the kernel the model supports before anything is recorded: a run's recipe names what it ran
+    loaded.recipe.model.attn_implementation = resolved_kernel(loaded.recipe.model)
     dist = parallel.init(loaded.recipe.train.distributed)
     run = RunDir(Path(loaded.recipe.output.dir))
     try:
@@ -128,6 +130,11 @@ class FineTune:
                              f"{recipe.model.name_or_path} with attn_implementation "
                              f"{recipe.model.attn_implementation} lets examples see each other; use batching: pad, "
                              f"or attn_implementation: flash_attention_2 or flex_attention")
+        check_forward(self.lm_loss, recipe.model.name_or_path)
+        if self.lm_loss.noise_alpha and self.lm_loss.first_layer_gain is None:
+            log(f"warning: {type(self.lm_loss.decoder).__name__} transforms the embeddings non-linearly before its "
+                "first layer (e.g. a LayerNorm); the noise is added to the embedding output, as the paper's code and "
+                "transformers' hook do, and noise_norm is measured there")
         self.peak_flops = peak_flops(device)
         mean_length = sum(self.lengths) / max(len(self.lengths), 1)
         self.token_flops = flops_per_token(self.model, mean_length) if self.peak_flops else None

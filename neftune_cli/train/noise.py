@@ -72,7 +72,8 @@ def add_noise(embeds, alpha, *, attention_mask=None, position_ids=None, scale="p
         position_ids: optional (batch, seq); in packed rows each restart at 0 begins a new example with its
             own length. Ignored by ``scale="hf"``.
         scale: ``"paper"``: each example gets noise in +-alpha/sqrt(L_i*d), L_i its own real token count.
-            ``"hf"``: transformers' hook, bit for bit: +-alpha/sqrt(seq*d) everywhere, padding included.
+            ``"hf"``: transformers' hook, bit for bit in every dtype: +-alpha/sqrt(seq*d) everywhere, padding
+            included, drawn and added in the embeddings' dtype.
         generator: optional ``torch.Generator`` (on ``embeds.device``) to draw from; default the global RNG.
     """
     if scale not in SCALES:
@@ -87,20 +88,17 @@ def add_noise(embeds, alpha, *, attention_mask=None, position_ids=None, scale="p
     if alpha < 0:
         raise ValueError(f"NEFTune alpha must be >= 0, got {alpha}")
 
-    # Draw and add in (at least) fp32, then cast back: in bf16 the draw itself would be quantised, not just
-    # the sum.
-    x = embeds.to(torch.promote_types(embeds.dtype, torch.float32))
-    zeros = torch.zeros_like(embeds, dtype=torch.float32)  # like the hook: same strides, same device
     if scale == "hf":
-        # Same ops as the hook (fp32 0-dim tensor for the magnitude, one uniform_ over the whole output) so
-        # that it consumes the RNG identically and matches it bit for bit.
+        # transformers' hook op for op (a 0-dim fp32 magnitude, one uniform_ over the whole output, drawn and added
+        # in the embeddings' dtype), so that it consumes the RNG identically and matches it bit for bit in any dtype.
         mag = alpha / torch.sqrt(torch.tensor(seq * d))
-        noise = zeros.uniform_(-mag, mag, generator=generator)
-    else:
-        seg_ids, lengths, real = example_lengths(attention_mask, position_ids, shape=(batch, seq))
-        token_len = lengths[seg_ids].clamp(min=1).float()  # clamp: all-padding examples are zeroed below
-        mag = torch.where(real, alpha / torch.sqrt(token_len * d), 0.0)
-        noise = zeros.uniform_(-1.0, 1.0, generator=generator) * mag.unsqueeze(-1)
+        return embeds + torch.zeros_like(embeds).uniform_(-mag, mag, generator=generator)
+    # Draw and add in (at least) fp32, then cast back: in bf16 the draw itself would be quantised, not just the sum.
+    x = embeds.to(torch.promote_types(embeds.dtype, torch.float32))
+    seg_ids, lengths, real = example_lengths(attention_mask, position_ids, shape=(batch, seq))
+    token_len = lengths[seg_ids].clamp(min=1).float()  # clamp: all-padding examples are zeroed below
+    mag = torch.where(real, alpha / torch.sqrt(token_len * d), 0.0)
+    noise = torch.zeros_like(embeds, dtype=torch.float32).uniform_(-1.0, 1.0, generator=generator) * mag.unsqueeze(-1)
     return (x + noise).to(embeds.dtype)
 
 
