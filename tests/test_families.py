@@ -241,3 +241,36 @@ def test_auto_records_the_kernel_the_run_used(family_dirs, tmp_path, cli):
     assert code == 0, err
     recorded = yaml.safe_load((tmp_path / "llama-pad" / "recipe.yaml").read_text())
     assert recorded["model"]["attn_implementation"] == "sdpa"
+
+
+MOE = {
+    "mixtral": ("MixtralConfig", {**SMALL, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeConfig", {**SMALL, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32}),
+}
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_forward_and_noise_and_the_expert_dropout_refusal(family, tiny_model_dir, tmp_path, cli):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config_name, kwargs = MOE[family]
+    config = getattr(transformers, config_name)(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                                bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id, **kwargs)
+    folder = tmp_path / family
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for file in tiny_model_dir.iterdir():
+        if "token" in file.name or file.suffix == ".jinja":
+            shutil.copy(file, folder / file.name)
+    lm_loss = loss_module(folder)
+    assert forward_gap(lm_loss) < 1e-5 and lm_loss.first_layer_gain == 1.0
+    path = recipe_for(folder, family, tmp_path, "pack")
+    code, _, err = cli("train", path)
+    fused = any(p.dim() == 3 for p in lm_loss.model.parameters())  # transformers 5 fuses the experts
+    if fused:
+        errors = [line for line in err.splitlines() if line.startswith("error")]
+        assert code == 2 and len(errors) == 1 and "set lora.dropout: 0" in errors[0], err
+        code, _, err = cli("train", path, "--set", "lora.dropout=0")
+    assert code == 0, err
