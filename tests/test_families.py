@@ -247,11 +247,13 @@ MOE = {
     "mixtral": ("MixtralConfig", {**SMALL, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3_moe": ("Qwen3MoeConfig", {**SMALL, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
                                      "moe_intermediate_size": 32}),
+    "olmoe": ("OlmoeConfig", {**SMALL, "num_experts": 4, "num_experts_per_tok": 2}),
 }
 
 
 @pytest.mark.parametrize("family", MOE)
-def test_moe_forward_and_noise_and_the_expert_dropout_refusal(family, tiny_model_dir, tmp_path, cli):
+def test_moe_trains_and_merges_like_peft(family, tiny_model_dir, tmp_path, cli):
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -274,3 +276,15 @@ def test_moe_forward_and_noise_and_the_expert_dropout_refusal(family, tiny_model
         assert code == 2 and len(errors) == 1 and "set lora.dropout: 0" in errors[0], err
         code, _, err = cli("train", path, "--set", "lora.dropout=0")
     assert code == 0, err
+
+    run, merged = tmp_path / f"{family}-pack", tmp_path / f"{family}-merged"
+    code, _, err = cli("merge", run, "--out", merged)
+    assert code == 0, err
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), run / "final")
+    expected = reference.merge_and_unload().state_dict()
+    got = AutoModelForCausalLM.from_pretrained(merged).state_dict()  # as transformers loads what we wrote
+    assert set(got) == set(expected)
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(tensor, lm_loss.model.state_dict()[name]) for name, tensor in got.items()
+               if "expert" in name)  # the experts' LoRA was merged, not dropped

@@ -15,7 +15,6 @@ from neftune_cli.merge.common import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # LoraConfig fields whose non-default value means the adapter is not a plain (mergeable) LoRA.
 _UNSUPPORTED_FIELDS = {
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "layer_replication": "layer replication (layer_replication)",
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens), which only activates after its invocation tokens",

@@ -220,7 +220,7 @@ def auto_dtype(base: BaseCheckpoint) -> torch.dtype:
     return {"F16": torch.float16, "BF16": torch.bfloat16}.get(common, torch.float32)
 
 
-def _meta_model(base_dir: Path):
+def meta_model(base_dir: Path):
     """The model built on the meta device (no weights, no memory); None when that is not possible."""
     try:
         import transformers
@@ -233,7 +233,7 @@ def _meta_model(base_dir: Path):
 
 
 def output_embedding_name(base_dir: Path) -> str | None:
-    model = _meta_model(base_dir)
+    model = meta_model(base_dir)
     out = model.get_output_embeddings() if model is not None else None
     if out is None:
         return None
@@ -242,5 +242,5 @@ def output_embedding_name(base_dir: Path) -> str | None:
 
 def module_kinds(base_dir: Path) -> dict[str, str]:
     """Layer class per module name, from the meta-device model; {} if it cannot be built."""
-    model = _meta_model(base_dir)
+    model = meta_model(base_dir)
     return {name: type(mod).__name__ for name, mod in model.named_modules()} if model is not None else {}

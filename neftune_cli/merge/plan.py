@@ -22,6 +22,7 @@ from neftune_cli.merge.common import (
     set_config,
     sub_configs,
 )
+from neftune_cli.merge.experts import ParamLora, locate_param_loras
 from neftune_cli.merge.tensors import OutputTensor, produce
 
 
@@ -63,6 +64,7 @@ class _Targets:
     repl: dict[str, Replacement] = field(default_factory=dict)
     loras: dict[str, LoraModule] = field(default_factory=dict)
     biases: dict[str, LoraModule] = field(default_factory=dict)
+    params: dict[str, ParamLora] = field(default_factory=dict)  # pieces of LoRA-adapted raw parameters
     out_name: str | None = None  # the virtual output embedding, if any
 
     def target(self, param: str, adapter_key: str) -> str:
@@ -89,11 +91,14 @@ class _Targets:
 def build_plan(state: AdapterState, base: BaseCheckpoint, out_dtype: torch.dtype | None, shard_limit: int) -> Plan:
     cfg = state.config
     loras, repl = parse_adapter_keys(state)
+    n_lora = len(loras)
     notes = _init_notes(cfg)
     out_dtype = out_dtype or auto_dtype(base)
     out_st = TORCH_TO_ST[out_dtype]
 
+    param_loras = locate_param_loras(state, base, loras, _MISMATCH)
     t = _assign_targets(base, state.weights_file.name, loras, repl)
+    _assign_param_pieces(t, param_loras)
     _follow_tied_embeddings(t)
     resized = _check_replacement_shapes(t)
     _check_loras(cfg, t.wfile, t.loras, t.biases, base, t.effective_shape, _MISMATCH)
@@ -115,8 +120,8 @@ def build_plan(state: AdapterState, base: BaseCheckpoint, out_dtype: torch.dtype
         out_dtype=out_dtype,
         dtype_name=dtype_name,
         config=config,
-        n_lora=len(loras),
-        n_merged=sum(1 for o in outputs if o.lora is not None or o.bias_lora is not None),
+        n_lora=n_lora,
+        n_merged=sum(1 for o in outputs if o.merged),
         n_replaced=sum(1 for o in outputs if o.replacement is not None),
         total_bytes=sum(o.nbytes for o in outputs),
         new_vocab=new_vocab,
@@ -165,6 +170,15 @@ def _assign_targets(
     return t
 
 
+def _assign_param_pieces(t: _Targets, param_loras: list[ParamLora]) -> None:
+    for pl in param_loras:
+        for name in pl.pieces:
+            other = t.loras.get(name) or t.repl.get(name)
+            if other is not None or name in t.params:
+                raise UsageError(f"{t.wfile}: {pl.lora.keys['A']} and another adapter tensor both change {name}")
+            t.params[name] = pl
+
+
 def _follow_tied_embeddings(t: _Targets) -> None:
     """Tied model whose output embedding is not stored: when the adapter touches either embedding, follow what the
     PeftModel computes. Plain copies (peft's saved resized embeddings, LoRA base_layer copies) load into the one
@@ -209,7 +223,7 @@ def _check_replacement_shapes(t: _Targets) -> dict[str, int]:
 
 
 def _check_floating(t: _Targets) -> None:
-    for name in list(t.loras) + list(t.repl):
+    for name in list(t.loras) + list(t.repl) + list(t.params):
         src = t.base.entries.get(t.virtual.get(name, name))
         if src is not None and src.dtype not in FLOAT_ST:
             raise UsageError(f"{name}: base tensor is {src.dtype}, not floating point (a quantized base?)")
@@ -218,6 +232,7 @@ def _check_floating(t: _Targets) -> None:
 def _make_output(t: _Targets, name: str, src: st.TensorEntry, out_st: str) -> OutputTensor:
     o = OutputTensor(name, out_st if src.dtype in FLOAT_ST else src.dtype, t.effective_shape(name), src)
     o.replacement, o.lora, o.bias_lora = t.repl.get(name), t.loras.get(name), t.biases.get(name)
+    o.param_lora = t.params.get(name)
     return o
 
 

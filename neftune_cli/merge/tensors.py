@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,9 @@ from neftune_cli.io import safetensors_io as st
 from neftune_cli.io.errors import RuntimeFailure
 from neftune_cli.merge.adapter import LoraModule, Replacement
 from neftune_cli.merge.common import FLOAT_ST
+
+if TYPE_CHECKING:
+    from neftune_cli.merge.experts import ParamLora
 
 
 @dataclass
@@ -22,10 +26,15 @@ class OutputTensor:
     replacement: Replacement | None = None
     lora: LoraModule | None = None
     bias_lora: LoraModule | None = None  # lora_B.bias added to this (bias) tensor
+    param_lora: ParamLora | None = None  # LoRA on a raw (fused expert / router) parameter, of which this is a piece
+
+    @property
+    def merged(self) -> bool:
+        return self.lora is not None or self.bias_lora is not None or self.param_lora is not None
 
     @property
     def modified(self) -> bool:
-        return self.replacement is not None or self.lora is not None or self.bias_lora is not None
+        return self.replacement is not None or self.merged
 
     @property
     def nbytes(self) -> int:
@@ -64,10 +73,12 @@ def apply_lora(w: torch.Tensor, lm: LoraModule) -> torch.Tensor:
 def produce(o: OutputTensor, reader: st.Reader, out_dtype: torch.dtype) -> torch.Tensor:
     """The final tensor for an output entry (only called for modified tensors or dtype casts)."""
     t = o.replacement.tensor if o.replacement is not None else reader.read(o.src)
-    if o.lora is not None or o.bias_lora is not None:
+    if o.merged:
         w = t.to(torch.float32, copy=True)
         if o.lora is not None:
             w = apply_lora(w, o.lora)
+        if o.param_lora is not None:
+            w += o.param_lora.piece(o.name)
         if o.bias_lora is not None:
             w += o.bias_lora.B_bias.float() * o.bias_lora.scaling
         # NaN/inf make the sum non-finite; the exact elementwise check (4x slower) only runs when it is

@@ -163,7 +163,7 @@ def write_model(
                 raise _write_failure(e, shown / fname) from None
             if i == 0:
                 faults.checkpoint("merge-write")
-            merged = sum(1 for o in shard if o.lora is not None or o.bias_lora is not None)
+            merged = sum(1 for o in shard if o.merged)
             replaced = sum(1 for o in shard if o.replacement is not None)
             extra = f", {replaced} replaced" if replaced else ""
             log(
