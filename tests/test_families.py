@@ -108,7 +108,7 @@ def test_the_first_layer_receives_the_papers_noise(family, layout, family_dirs):
         with_kwargs=True)
     lm_loss.train()
     lm_loss.model.eval()  # the noise is on (the wrapper trains), dropout off: the layer sees noise and nothing else
-    _, _, reported = lm_loss(ids, ids, generator=torch.Generator().manual_seed(0), **masks)
+    reported = lm_loss(ids, ids, generator=torch.Generator().manual_seed(0), **masks).noise_norms
     lm_loss.eval()
     lm_loss(ids, ids, **masks)
     hook.remove()
@@ -268,7 +268,21 @@ def test_moe_trains_and_merges_like_peft(family, tiny_model_dir, tmp_path, cli):
             shutil.copy(file, folder / file.name)
     lm_loss = loss_module(folder)
     assert forward_gap(lm_loss) < 1e-5 and lm_loss.first_layer_gain == 1.0
-    path = recipe_for(folder, family, tmp_path, "pack")
+
+    # the loss we train on is the model's own: token mean + router_aux_loss_coef * its balancing loss
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25, 29, 33], [7, 11, 15, 19, 23, 27, 0, 0]])
+    mask = (torch.arange(8) < torch.tensor([[8], [6]])).long()
+    targets = ids.masked_fill(mask == 0, -100)
+    lm_loss.train()
+    lm_loss.model.eval()  # no dropout, no noise (alpha 0 below): the same function as the model's forward
+    ours = CausalLMLoss(lm_loss.model, 0, "paper")(ids, torch.roll(targets, -1, 1).index_fill(1, torch.tensor([7]),
+                                                                                               -100), mask)
+    theirs = lm_loss.model(input_ids=ids, attention_mask=mask, labels=targets, output_router_logits=True)
+    torch.testing.assert_close(ours.router_aux, theirs.aux_loss.float())
+    coef = lm_loss.model.config.router_aux_loss_coef
+    torch.testing.assert_close(ours.loss / ours.trained + coef * ours.router_aux, theirs.loss.float())
+    batching = "pack" if attention_stays_within_examples(lm_loss) else "pad"  # OLMoE on 4.57 ignores position_ids
+    path = recipe_for(folder, family, tmp_path, batching)
     code, _, err = cli("train", path)
     fused = any(p.dim() == 3 for p in lm_loss.model.parameters())  # transformers 5 fuses the experts
     if fused:
@@ -276,8 +290,15 @@ def test_moe_trains_and_merges_like_peft(family, tiny_model_dir, tmp_path, cli):
         assert code == 2 and len(errors) == 1 and "set lora.dropout: 0" in errors[0], err
         code, _, err = cli("train", path, "--set", "lora.dropout=0")
     assert code == 0, err
+    if fused:
+        assert "lora on raw parameters (peft target_parameters): " in err and "x 4 experts" in err, err
+    coef = lm_loss.model.config.router_aux_loss_coef
+    assert f"router load-balancing loss weighted {coef:g} (the model's)" in err, err
+    records = [json.loads(line) for line in (tmp_path / f"{family}-{batching}" / "metrics.jsonl").open()]
+    aux = [r["router_aux_loss"] for r in records if "loss" in r]
+    assert len(aux) == 3 and all(math.isfinite(a) and a > 0 for a in aux)
 
-    run, merged = tmp_path / f"{family}-pack", tmp_path / f"{family}-merged"
+    run, merged = tmp_path / f"{family}-{batching}", tmp_path / f"{family}-merged"
     code, _, err = cli("merge", run, "--out", merged)
     assert code == 0, err
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), run / "final")

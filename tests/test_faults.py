@@ -193,9 +193,9 @@ def test_nan_gradients_with_a_finite_loss(cli, work, monkeypatch):
     original = CausalLMLoss.forward
 
     def poisoned(self, *args, **kwargs):
-        loss, n, norms = original(self, *args, **kwargs)
+        losses = original(self, *args, **kwargs)
         calls["n"] += self.training
-        return (_NanGrad.apply(loss) if self.training and calls["n"] >= 3 else loss), n, norms
+        return losses._replace(loss=_NanGrad.apply(losses.loss)) if self.training and calls["n"] >= 3 else losses
 
     monkeypatch.setattr(CausalLMLoss, "forward", poisoned)
     code, _, err = cli("train", recipe(work))  # keep_last 1: the last good checkpoint must survive

@@ -59,7 +59,7 @@ def test_a_quantized_step_changes_only_the_adapter(workdir):  # noqa: F811
     before = {n: p.detach().clone() for n, p in model.named_parameters()}  # the packed 4-bit weights included
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = probe(model.config.vocab_size)
-    loss, _, norms = trainer(ids, ids, generator=torch.Generator().manual_seed(2))
+    loss, _, norms, _ = trainer(ids, ids, generator=torch.Generator().manual_seed(2))
     loss.backward()
     optimizer.step()
     assert norms is not None and (norms > 0).all()

@@ -99,7 +99,7 @@ def tiny_model(tiny_model_dir):
 def loss_and_grads(model, batch):
     model.zero_grad()
     trainer = CausalLMLoss(model, noise_alpha=0, noise_scale="paper")
-    loss, n, _ = trainer(**batch)
+    loss, n, _, _ = trainer(**batch)
     loss.backward()
     return loss.item(), n, {k: p.grad.clone() for k, p in model.named_parameters()}
 
@@ -201,7 +201,7 @@ def test_no_noise_in_eval_mode(tiny_model):
         assert noisy(**batch)[0].item() == clean(**batch)[0].item()
         assert noisy(**batch)[2] is None
         noisy.train()
-        loss, _, norms = noisy(**batch)
+        loss, _, norms, _ = noisy(**batch)
     assert loss.item() != clean(**batch)[0].item()
     assert norms.shape == (3,)
 
@@ -392,11 +392,11 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(cli, workdir, 
     original = CausalLMLoss.forward
 
     def poisoned(self, *args, **kwargs):
-        loss, n, norms = original(self, *args, **kwargs)
+        losses = original(self, *args, **kwargs)
         calls["n"] += self.training
         if self.training and calls["n"] > 4:  # steps 1 and 2 (2 micro-batches each) are fine
-            loss = loss * float("nan")
-        return loss, n, norms
+            return losses._replace(loss=losses.loss * float("nan"))
+        return losses
 
     monkeypatch.setattr(CausalLMLoss, "forward", poisoned)
     code, _, err = cli("train", str(make_recipe(workdir)))

@@ -17,7 +17,9 @@ from neftune_cli.infer.target import Target
 from neftune_cli.io.console import log
 from neftune_cli.io.errors import UsageError
 from neftune_cli.recipe.load import load_recipe
+from neftune_cli.models.loading import resolve_dtype
 from neftune_cli.recipe.schema import Recipe
+from neftune_cli.train.precision import Precision
 from neftune_cli.train.step import CausalLMLoss, check_forward, evaluate
 
 
@@ -37,7 +39,8 @@ def heldout_loss(target: Target, data_spec: Path | None = None, batch_size: int 
         raise UsageError(f"{data_spec}: the recipe holds out no eval data (data.eval_sources, eval_fraction or "
                          "eval_size)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lm_loss = CausalLMLoss(target.load(device, merge=False), None, recipe.neftune.scale)
+    precision = Precision.of(resolve_dtype(recipe.model.dtype, device), recipe.train.precision)  # as training ran
+    lm_loss = CausalLMLoss(target.load(device, merge=False), None, recipe.neftune.scale, precision=precision)
     check_forward(lm_loss, target.name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # as training pads
     batch_of = batch_builder(recipe.train.batching, pad_id, device)

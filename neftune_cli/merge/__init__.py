@@ -19,14 +19,15 @@ failure never leaves partial output.
 
 Adapter coverage: vanilla LoRA on Linear / Conv1D (``fan_in_fan_out``) / Embedding layers, rsLoRA,
 ``rank_pattern`` / ``alpha_pattern``, DoRA (merged exactly like peft, Linear and Embedding), ``lora_bias``,
-``modules_to_save`` (including a resized vocabulary), base-layer copies and biases saved with ``bias="all"``.
-Variants that cannot be expressed as a merged weight (aLoRA, target_parameters, trainable tokens, layer replication,
-...) are refused with a UsageError.
+``modules_to_save`` (including a resized vocabulary), base-layer copies and biases saved with ``bias="all"``, LoRA on
+raw parameters (``target_parameters``: fused MoE experts and routers, ``experts``). Variants that cannot be expressed
+as a merged weight (aLoRA, trainable tokens, layer replication, ...) are refused with a UsageError.
 
 Modules: ``adapter`` (find and read the adapter), ``base`` (resolve the base, read its shard headers), ``plan`` (map
-adapter tensors onto base tensors, lay out the output), ``write`` (output checks, the merge arithmetic, the shards and
-side files), ``verify`` (merged model against base + adapter), ``quantized`` (QLoRA adapters: the gap to the 4-bit
-model), ``common`` (file names, dtypes, formatting).
+adapter tensors onto base tensors, lay out the output), ``experts`` (LoRA on raw parameters: which parameter, its
+delta, the checkpoint tensors it lands in), ``write`` (output checks, the merge arithmetic, the shards and side
+files), ``verify`` (merged model against base + adapter), ``quantized`` (QLoRA adapters: the gap to the 4-bit model),
+``common`` (file names, dtypes, formatting).
 """
 
 from __future__ import annotations

@@ -151,3 +151,25 @@ def load_model(recipe: Recipe, device: torch.device):
                              "can adapt only without dropout; set lora.dropout: 0, or list lora.target_modules "
                              "without the experts") from None
         raise UsageError(f"lora: {str(e).splitlines()[0]}") from None
+
+
+def param_lora_summary(model) -> str | None:
+    """What peft adapts beyond its LoRA layers: raw parameters (target_parameters), i.e. the fused MoE experts and
+    routers that `all-linear` reaches on transformers 5, with their trained parameter count; None if nothing."""
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:  # a peft without target_parameters
+        return None
+    groups: dict[str, list[int]] = {}  # "MixtralExperts.gate_up_proj" -> [layers, experts, trained parameters]
+    for mod in model.modules():
+        if isinstance(mod, ParamWrapper):
+            group = groups.setdefault(f"{type(mod.get_base_layer()).__name__}.{mod.parameter_name}", [0, 1, 0])
+            group[0] += 1
+            group[1] = mod.num_experts
+            group[2] += sum(p.numel() for part in (mod.lora_A, mod.lora_B) for p in part.parameters())
+    if not groups:
+        return None
+    parts = [f"{name} ({layers} layers" + (f" x {experts} experts)" if experts > 1 else ")")
+             for name, (layers, experts, _) in groups.items()]
+    trained = sum(n for _, _, n in groups.values())
+    return f"lora on raw parameters (peft target_parameters): {', '.join(parts)}; {trained / 1e6:.3f}M trained"

@@ -220,6 +220,12 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null: no clipping.")
+    precision: Literal["mixed", "pure"] = Field(
+        "mixed", description="mixed: trained parameters in float32, the forward under autocast in model.dtype; "
+        "pure: trained parameters in model.dtype too (less memory for full fine-tuning; small updates are lost).")
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0, description="MoE models: weight of the router's load-balancing loss; null: the model's own "
+        "(config.router_aux_loss_coef), 0: off. Logged as router_aux_loss.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps of linear warmup.")
     batching: Literal["pack", "pad"] = Field(

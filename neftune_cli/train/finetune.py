@@ -24,10 +24,18 @@ from neftune_cli.io import faults
 from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.console import log, out, stdout_is_tty
 from neftune_cli.io.errors import EXIT_SIGINT, EXIT_SIGTERM, OOM_HINT, Interrupted, RuntimeFailure, UsageError
-from neftune_cli.models.loading import load_model, load_tokenizer, model_path, resolved_kernel
+from neftune_cli.models.loading import (
+    load_model,
+    load_tokenizer,
+    model_path,
+    param_lora_summary,
+    resolve_dtype,
+    resolved_kernel,
+)
 from neftune_cli.models.serving_files import tokenizer_files
 from neftune_cli.recipe.load import LoadedRecipe, recipe_to_yaml
 from neftune_cli.train import parallel
+from neftune_cli.train.precision import Precision
 from neftune_cli.train.checkpoint import (
     Checkpoint,
     RunDir,
@@ -122,9 +130,14 @@ class FineTune:
     def setup_model(self) -> None:
         recipe, device = self.recipe, self.dist.device
         self.model = load_model(recipe, device)
+        self.precision = Precision.of(resolve_dtype(recipe.model.dtype, device), self.cfg.precision)
+        self.precision.cast_trained([p for p in self.model.parameters() if p.requires_grad])
+        if (warning := self.precision.warning(recipe.finetune)) is not None:
+            log(f"warning: {warning}")
         if self.resume_from is not None:
             load_weights(self.model, self.resume_from)  # before FSDP shards the parameters
-        self.lm_loss = CausalLMLoss(self.model, recipe.neftune.alpha, recipe.neftune.scale)
+        self.lm_loss = CausalLMLoss(self.model, recipe.neftune.alpha, recipe.neftune.scale,
+                                    router_aux_coef=self.cfg.router_aux_loss_coef, precision=self.precision)
         if self.cfg.batching == "pack" and not attention_stays_within_examples(self.lm_loss):
             raise UsageError(f"train.batching: pack needs attention that stays within each packed example, and "
                              f"{recipe.model.name_or_path} with attn_implementation "
@@ -138,14 +151,21 @@ class FineTune:
         self.peak_flops = peak_flops(device)
         mean_length = sum(self.lengths) / max(len(self.lengths), 1)
         self.token_flops = flops_per_token(self.model, mean_length) if self.peak_flops else None
-        self.forward = parallel.wrap(self.lm_loss, self.dist)  # DDP/FSDP around the loss module
+        self.forward = parallel.wrap(self.lm_loss, self.dist, self.precision)  # DDP/FSDP around the loss module
         if self.dist.rank:
             seed_everything(self.cfg.seed + self.dist.rank)  # from here each rank its own dropout stream
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         n_trained = sum(numel(p) for p in self.params)
         n_total = sum(numel(p) for p in self.model.parameters())
+        compute, trained = (str(d).removeprefix("torch.") for d in (self.precision.compute, self.precision.trained))
         log(f"model: {n_total / 1e6:.2f}M parameters, {n_trained / 1e6:.3f}M trained ({recipe.finetune}), "
-            f"{next(self.model.parameters()).dtype}, {device}")
+            f"computing in {compute}, trained weights in {trained} (precision {self.cfg.precision}), {device}")
+        if (experts := param_lora_summary(self.model)) is not None:
+            log(f"model: {experts}")
+        if self.lm_loss.router_aux_coef:
+            whose = "the model's" if self.cfg.router_aux_loss_coef is None else "train.router_aux_loss_coef"
+            log(f"model: router load-balancing loss weighted {self.lm_loss.router_aux_coef:g} ({whose}), logged as "
+                "router_aux_loss")
 
     def setup_optimizer(self) -> None:
         cfg, device = self.cfg, self.dist.device
@@ -219,20 +239,27 @@ class FineTune:
         """Forward and backward over the step's micro-batches, then one update; returns the step's metrics."""
         dist, step_started = self.dist, time.perf_counter()
         batches = [(self.batch_of(self.data.train, mb), weight) for mb, weight in self.micro_batches(step)]
-        n_trained, n_tokens = parallel.sum_all(
-            [sum(b.trained for b, w in batches if w), sum(b.tokens for b, w in batches if w)], dist)
-        loss_sum, norms = 0.0, []
+        # the router's balancing loss is a mean per forward: the step's is the mean over its micro-batches
+        n_trained, n_tokens, n_forwards = parallel.sum_all(
+            [sum(b.trained for b, w in batches if w), sum(b.tokens for b, w in batches if w),
+             sum(1 for _, w in batches if w)], dist)
+        loss_sum, aux_sum, norms = 0.0, 0.0, []
         for i, (batch, weight) in enumerate(batches):
             with parallel.grad_sync(self.forward, dist, last=i == len(batches) - 1):
-                loss, _, noise = self.forward(**batch, generator=self.noise_generator)
+                losses = self.forward(**batch, generator=self.noise_generator)
                 # DDP/FSDP average gradients over the ranks; every trained token of the step weighs the same
-                (loss * weight * dist.world / max(n_trained, 1)).backward()
-            loss_sum = loss_sum + loss.detach() * weight  # a tensor: no device sync per micro-batch
-            if noise is not None and weight:
-                norms.append(noise)
+                total = losses.loss * weight * dist.world / max(n_trained, 1)
+                if losses.router_aux is not None:
+                    aux = losses.router_aux * weight
+                    total = total + self.lm_loss.router_aux_coef * aux * dist.world / max(n_forwards, 1)
+                    aux_sum = aux_sum + aux.detach()
+                total.backward()
+            loss_sum = loss_sum + losses.loss.detach() * weight  # a tensor: no device sync per micro-batch
+            if losses.noise_norms is not None and weight:
+                norms.append(losses.noise_norms)
         noise_local = torch.cat(norms) if norms else torch.zeros(0)
-        loss_total, noise_total, noise_count = parallel.sum_all(
-            [float(loss_sum), float(noise_local.sum()), noise_local.numel()], dist)
+        loss_total, aux_total, noise_total, noise_count = parallel.sum_all(
+            [float(loss_sum), float(aux_sum), float(noise_local.sum()), noise_local.numel()], dist)
         step_loss = loss_total / max(n_trained, 1)
         max_norm = self.cfg.max_grad_norm or float("inf")
         grad_norm = float(parallel.local(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))
@@ -249,6 +276,8 @@ class FineTune:
         record = {"step": step, "epoch": round(self.plan.epochs_done(step), 4), "loss": step_loss, "lr": lr,
                   "grad_norm": grad_norm, "tokens": int(n_tokens), "trained_tokens": int(n_trained),
                   "noise_norm": noise_total / max(noise_count, 1)}
+        if self.lm_loss.router_aux_coef:
+            record["router_aux_loss"] = aux_total / max(n_forwards, 1)
         self.progress.update(step, record, n_tokens / max(time.perf_counter() - step_started, 1e-9))
         return record
 
@@ -310,6 +339,8 @@ class FineTune:
 
     def finish(self, step: int, last: dict) -> dict:
         """final/ (the adapter or model with the tokenizer files to serve it), then the summary."""
+        if self.recipe.finetune == "full":
+            self.precision.cast_for_serving(self.params)
         weights = parallel.full_model_state(self.model, self.dist)
         if self.dist.main:
             save_final(self.run_dir, self.model, self.serving_files, weights)

@@ -24,6 +24,7 @@ from torch import nn
 
 from neftune_cli.io import console
 from neftune_cli.io.errors import UsageError
+from neftune_cli.train.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,9 @@ def main_first(dist: Dist):
         barrier(dist)
 
 
-def wrap(lm_loss: nn.Module, dist: Dist) -> nn.Module:
-    """DDP, or FSDP2 (``fully_shard`` per decoder layer, then the whole), around the training forward."""
+def wrap(lm_loss: nn.Module, dist: Dist, precision: Precision) -> nn.Module:
+    """DDP, or FSDP2 (``fully_shard`` per decoder layer, then the whole, casting as ``precision`` says), around the
+    training forward."""
     if not dist.enabled:
         return lm_loss
     if dist.mode == "ddp":
@@ -132,10 +134,9 @@ def wrap(lm_loss: nn.Module, dist: Dist) -> nn.Module:
         return DistributedDataParallel(
             lm_loss, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, **no_sync
         )
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if (
-        dist.device.type == "cuda") else MixedPrecisionPolicy()
+    policy = precision.fsdp_policy()
     for layer in decoder_layers(lm_loss):
         fully_shard(layer, mp_policy=policy)
     fully_shard(lm_loss, mp_policy=policy)
@@ -172,13 +173,16 @@ def gather_object(obj, dist: Dist) -> list:
 
 
 def full_model_state(model: nn.Module, dist: Dist) -> dict | None:
-    """The unsharded weights (on rank 0, on the CPU) when FSDP holds them in shards; None otherwise (the model's
-    own state dict is whole). Every rank must call it."""
+    """The unsharded trained weights (on rank 0, on the CPU) when FSDP holds them in shards; None otherwise (the
+    model's own state dict is whole). Every rank must call it. Frozen weights are never gathered: what we save is
+    the trained ones (an adapter, or every weight of a full fine-tune), and a LoRA run's frozen base would otherwise
+    pass through rank 0's host memory at every checkpoint (13.5 GB on a 7B model)."""
     if not dist.fsdp:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
 
 
 def optimizer_state(model: nn.Module, optimizer, dist: Dist) -> dict:

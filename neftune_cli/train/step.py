@@ -10,9 +10,16 @@ Two things the model's own forward does are re-done here, so both are checked ag
 ``inputs_embeds`` before its first layer (Granite multiplies by ``embedding_multiplier``; Gemma-2 on transformers 4.x
 by sqrt(d), on 5.x its embedding module does). The noise is scaled by the inverse of that gain (``first_layer_gain``),
 so the first decoder layer receives the paper's noise, alpha / sqrt(3) per example, on every family and version.
+
+Mixture-of-experts models add their router's load-balancing loss in their own forward when asked for router logits;
+here it is the model's own ``load_balancing_loss_func`` on the decoder's router logits, returned apart from the
+token loss (it is a mean per forward, the token loss a sum) so the loop weighs each the way the model's forward does.
 """
 
 from __future__ import annotations
+
+import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from neftune_cli.io.errors import UsageError
 from neftune_cli.train import parallel
 from neftune_cli.train.noise import add_noise, noise_norms
+from neftune_cli.train.precision import FLOAT32, Precision
 
 # Tokens per chunk of the output head + loss: the fp32 logits of one chunk exist at a time (recomputed in
 # backward), instead of (tokens x vocab) for the whole micro-batch.
@@ -31,12 +39,25 @@ LOSS_CHUNK = 4096
 FORWARD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
 
-class CausalLMLoss(nn.Module):
-    """Wraps a causal LM (plain or peft) and returns (summed token loss, trained tokens, noise norms)."""
+class Losses(NamedTuple):
+    loss: torch.Tensor  # token cross-entropy, summed over the trained tokens
+    trained: int  # trained tokens
+    noise_norms: torch.Tensor | None  # per example, as the first decoder layer receives it
+    router_aux: torch.Tensor | None  # the router's load-balancing loss (a mean), in training when it is on
 
-    def __init__(self, model: nn.Module, noise_alpha: float | None, noise_scale: str):
+
+class CausalLMLoss(nn.Module):
+    """Wraps a causal LM (plain or peft) and returns its Losses on a batch.
+
+    ``router_aux_coef``: None takes the model's own ``router_aux_loss_coef`` (MoE models), 0 turns the router's
+    load-balancing loss off; ``router_aux`` is computed (in training) only where the coefficient is not 0.
+    ``precision``: the forward runs under its autocast (train/precision.py); by default none."""
+
+    def __init__(self, model: nn.Module, noise_alpha: float | None, noise_scale: str,
+                 router_aux_coef: float | None = None, precision: Precision = FLOAT32):
         super().__init__()
         self.model = model
+        self.precision = precision
         self.noise_alpha = noise_alpha or 0.0
         self.noise_scale = noise_scale
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -49,10 +70,23 @@ class CausalLMLoss(nn.Module):
         self.logit_divisor = getattr(config, "logits_scaling", None)  # Granite, GraniteMoE
         self.logit_scale = getattr(config, "logit_scale", None)  # Cohere, Cohere2
         self.softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2/3
+        # the model's own balancing loss and what its forward passes it (Mixtral, Qwen-MoE, OLMoE, GraniteMoE, ...)
+        self.balancing_loss = getattr(sys.modules[type(causal).__module__], "load_balancing_loss_func", None)
+        self.num_experts = getattr(causal, "num_experts", None)
+        self.experts_per_token = getattr(causal, "num_experts_per_tok", None)
+        has_router = None not in (self.balancing_loss, self.num_experts, self.experts_per_token)
+        if router_aux_coef and not has_router:
+            raise UsageError(f"train.router_aux_loss_coef: {type(causal).__name__} has no router load-balancing loss")
+        own = getattr(config, "router_aux_loss_coef", None) if has_router else None
+        self.router_aux_coef = float(own or 0.0) if router_aux_coef is None else float(router_aux_coef)
         # Measured once: only the noise needs it, and the measurement is a (tiny) decoder forward.
         self.first_layer_gain = first_layer_gain(self) if self.noise_alpha > 0 else 1.0
 
     def forward(self, input_ids, targets, attention_mask=None, position_ids=None, generator=None):
+        with self.precision.autocast(input_ids.device):
+            return self._forward(input_ids, targets, attention_mask, position_ids, generator)
+
+    def _forward(self, input_ids, targets, attention_mask, position_ids, generator):
         embeds = self.model.get_input_embeddings()(input_ids)
         norms = None
         if self.training and self.noise_alpha > 0:
@@ -63,8 +97,14 @@ class CausalLMLoss(nn.Module):
                               scale=self.noise_scale, generator=generator)
             norms = noise_norms(noisy, embeds, attention_mask=attention_mask, position_ids=position_ids) * abs(gain)
             embeds = noisy
-        hidden = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
+        with_router = self.training and self.router_aux_coef > 0
+        outputs = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False, **({"output_router_logits": True} if with_router else {}))
+        hidden = outputs.last_hidden_state
+        router_aux = None
+        if with_router:
+            router_aux = self.balancing_loss(outputs.router_logits, self.num_experts, self.experts_per_token,
+                                             attention_mask).float()
         # Only positions with a target need logits: prompts and pads never reach the output head.
         keep = targets != -100
         hidden, targets = hidden[keep], targets[keep]
@@ -72,7 +112,7 @@ class CausalLMLoss(nn.Module):
         for start in range(0, targets.numel(), LOSS_CHUNK):
             h, y = hidden[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
             loss = loss + checkpoint(self._chunk_loss, h, y, use_reentrant=False)
-        return loss, targets.numel(), norms
+        return Losses(loss, targets.numel(), norms, router_aux)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head and the family's logit transform, in float32, as the model's own forward computes them."""
@@ -211,9 +251,9 @@ def evaluate(lm_loss: CausalLMLoss, dataset, batch_of, batch_size: int, dist: pa
     with torch.no_grad():
         for start in starts:
             indices = list(range(start or 0, min((start or 0) + batch_size, len(dataset))))
-            loss, n, _ = lm_loss(**batch_of(dataset, indices))
+            losses = lm_loss(**batch_of(dataset, indices))
             if start is not None:
-                total, count = total + loss.item(), count + n
+                total, count = total + losses.loss.item(), count + losses.trained
     lm_loss.train(True)
     total, count = parallel.sum_all([total, count], dist)
     return total / max(count, 1)
