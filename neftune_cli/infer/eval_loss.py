@@ -16,8 +16,8 @@ from neftune_cli.data.pipeline import prepare
 from neftune_cli.infer.target import Target
 from neftune_cli.io.console import log
 from neftune_cli.io.errors import UsageError
-from neftune_cli.recipe.load import load_recipe
 from neftune_cli.models.loading import resolve_dtype
+from neftune_cli.recipe.load import load_recipe
 from neftune_cli.recipe.schema import Recipe
 from neftune_cli.train.precision import Precision
 from neftune_cli.train.step import CausalLMLoss, check_forward, evaluate

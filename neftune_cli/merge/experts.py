@@ -124,7 +124,8 @@ def _param_wrappers(model: torch.nn.Module, state: AdapterState) -> dict[str, tu
 
 
 def _checkpoint_pieces(
-    model: torch.nn.Module, base: BaseCheckpoint, param: str, shape: tuple[int, ...], key: str, wfile: str, mismatch: str
+    model: torch.nn.Module, base: BaseCheckpoint, param: str, shape: tuple[int, ...], key: str, wfile: str,
+    mismatch: str,
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The checkpoint tensors ``param`` is stored as: itself, or what transformers' save conversion makes of it."""
     stored = base.resolve(param)

@@ -35,7 +35,6 @@ from neftune_cli.models.loading import (
 from neftune_cli.models.serving_files import tokenizer_files
 from neftune_cli.recipe.load import LoadedRecipe, recipe_to_yaml
 from neftune_cli.train import parallel
-from neftune_cli.train.precision import Precision
 from neftune_cli.train.checkpoint import (
     Checkpoint,
     RunDir,
@@ -46,6 +45,7 @@ from neftune_cli.train.checkpoint import (
 )
 from neftune_cli.train.flops import flops_per_token, numel, peak_flops
 from neftune_cli.train.metrics import MetricsLog, log_line, summary_writer_class
+from neftune_cli.train.precision import Precision
 from neftune_cli.train.progress import Progress
 from neftune_cli.train.resume import check_resumable, restore_rng, rng_state, seed_everything
 from neftune_cli.train.schedule import Schedule
