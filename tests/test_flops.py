@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from neftune_cli.train.flops import PEAK_BF16, flops_per_token, peak_flops
+from neftune_cli.train.flops import flops_per_token, peak_flops, peak_memory_gb, peak_of
 from neftune_cli.train.step import CausalLMLoss
 
 
@@ -30,8 +30,20 @@ def test_flops_per_token_matches_the_flop_counter(lora):
 
 
 def test_no_mfu_without_a_known_gpu():
-    assert peak_flops(torch.device("cpu")) is None
-    assert PEAK_BF16["H200"] == 989e12
+    assert peak_flops(torch.device("cpu")) is None and peak_memory_gb(torch.device("cpu")) is None
+    assert peak_of("NVIDIA GeForce RTX 3050") is None and peak_of("Tesla T4") is None
+
+
+# torch.cuda.get_device_name() as it reads on each part; variants of one chip have other peaks
+@pytest.mark.parametrize(("name", "peak"), [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA A10G", 70e12), ("NVIDIA A10", 125e12), ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA B200", 2250e12),
+])
+def test_each_device_gets_its_own_peak(name, peak):
+    assert peak_of(name) == peak
 
 
 def test_a_4bit_weight_counts_its_real_parameters():

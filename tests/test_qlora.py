@@ -99,6 +99,16 @@ def test_merge_folds_into_the_full_precision_base(cli, qlora_run, tiny_model_dir
     assert float(gap[0].split("max |logit diff| ")[1].split()[0]) > 0  # 4 bits do differ from 32
 
 
+def test_generate_keeps_the_adapter_apart_from_the_4bit_base(qlora_run):
+    """What generate runs is the trained function: the 4-bit base with the adapter beside it, not re-quantized."""
+    from peft import PeftModel
+
+    from neftune_cli.infer.target import resolve
+
+    model = resolve(str(qlora_run[1])).load(torch.device("cpu"), merge=True)
+    assert isinstance(model, PeftModel)
+
+
 def test_missing_extra_is_one_line(cli, workdir, monkeypatch):  # noqa: F811
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     code, _, err = cli("train", str(make_recipe(workdir)), *QLORA)

@@ -41,13 +41,15 @@ class Target:
         return self.loaded_tokenizer
 
     def load(self, device: torch.device, *, merge: bool):
-        """The model in eval mode. merge: fold the adapter in (faster decoding); eval keeps it apart, as training."""
+        """The model in eval mode. merge: fold the adapter in (faster decoding); eval keeps it apart, as training.
+        A 4-bit base always keeps it apart: peft would merge into the dequantized weights and quantize them again,
+        and answers would come from weights other than the ones trained."""
         model = load_base_model(self.model, device)
         if self.adapter is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(self.adapter))
-            if merge:
+            if merge and not self.model.quantization:
                 model = model.merge_and_unload()
         return model.eval()
 

@@ -43,7 +43,7 @@ from neftune_cli.train.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from neftune_cli.train.flops import flops_per_token, numel, peak_flops
+from neftune_cli.train.flops import flops_per_token, numel, peak_flops, peak_memory_gb
 from neftune_cli.train.metrics import MetricsLog, log_line, summary_writer_class
 from neftune_cli.train.precision import Precision
 from neftune_cli.train.progress import Progress
@@ -290,6 +290,8 @@ class FineTune:
             record["tokens_per_s_per_process"] = record["tokens_per_s"] / self.dist.world
         if self.token_flops:  # CUDA, on a device whose peak we know
             record["mfu"] = record["tokens_per_s"] / self.dist.world * self.token_flops / self.peak_flops
+        if (memory := peak_memory_gb(self.dist.device)) is not None:
+            record["peak_memory_gb"] = memory
         self.write_metrics(record)
         self.progress.log(log_line(record))
         self.window_start, self.window_tokens = now, 0
@@ -348,9 +350,12 @@ class FineTune:
         final = self.run_dir.final
         summary = {"steps": step, "elapsed_s": round(time.perf_counter() - self.started, 1),
                    "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"), "final": str(final)}
+        if (memory := peak_memory_gb(self.dist.device)) is not None:
+            summary["peak_memory_gb"] = round(memory, 2)
         what = "adapter" if self.recipe.finetune == "lora" else "model"
+        memory = f", peak GPU memory {summary['peak_memory_gb']} GB" if "peak_memory_gb" in summary else ""
         out.print(f"done: {step} steps in {summary['elapsed_s']}s, final loss {fmt(summary['final_loss'])}, "
-                  f"eval loss {fmt(summary['eval_loss'])}; {what} in {final}", markup=False)
+                  f"eval loss {fmt(summary['eval_loss'])}{memory}; {what} in {final}", markup=False)
         if self.recipe.finetune == "lora":
             out.print(f"next: neftune merge {self.run_dir.root} --out merged/{self.run_dir.root.name}", markup=False)
         return summary

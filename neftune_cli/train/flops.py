@@ -14,20 +14,22 @@ import math
 import torch
 from torch import nn
 
-# Dense (not sparse) bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets; matched as substrings of
-# torch.cuda.get_device_name(). A device not listed gets no MFU rather than a wrong one.
+# Dense (not sparse) bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets, by the exact model names
+# torch.cuda.get_device_name() reports (without the "NVIDIA " prefix, any case). Variants differ: an H100 PCIe has
+# three quarters of the SXM part's peak, an L40 half an L40S's. A device not listed gets no MFU rather than a wrong one.
 PEAK_BF16 = {
     "B200": 2250e12,
-    "H200": 989e12,
-    "H100": 989e12,
-    "H800": 989e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "RTX 4090": 165e12,
-    "L4": 121e12,
-    "A10G": 70e12,
+    "GH200 480GB": 989e12, "GH200 144G HBM3e": 989e12,
+    "H200": 989e12, "H200 NVL": 835e12,
+    "H100 80GB HBM3": 989e12, "H100 SXM5 80GB": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+    "H800": 989e12, "H800 PCIe": 756e12,
+    "A100-SXM4-40GB": 312e12, "A100-SXM4-80GB": 312e12, "A100-PCIE-40GB": 312e12, "A100 80GB PCIe": 312e12,
+    "A800-SXM4-80GB": 312e12, "A800 80GB PCIe": 312e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "A10G": 70e12, "A10": 125e12,
+    "GeForce RTX 4090": 165e12,
 }
+_PEAK_BY_NAME = {name.casefold(): peak for name, peak in PEAK_BF16.items()}
 
 
 def numel(p: torch.Tensor) -> int:
@@ -58,5 +60,16 @@ def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak, or None (CPU, or a GPU not in the table)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+    return peak_of(torch.cuda.get_device_name(device))
+
+
+def peak_of(device_name: str) -> float | None:
+    """The peak of a device by its exact name; None for one we do not know."""
+    return _PEAK_BY_NAME.get(device_name.strip().removeprefix("NVIDIA ").casefold())
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """The most GPU memory this process's tensors have held so far, in GB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 1e9

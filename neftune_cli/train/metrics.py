@@ -82,4 +82,5 @@ def log_line(record: dict) -> str:
     return (f"step {record['step']} epoch {record['epoch']:.2f} loss {record['loss']:.4f} lr {record['lr']:.2e} "
             f"grad_norm {record['grad_norm']:.3f} noise_norm {record['noise_norm']:.3f} "
             + (f"router_aux_loss {record['router_aux_loss']:.4f} " if "router_aux_loss" in record else "")
-            + f"tokens/s {record['tokens_per_s']:.0f}" + (f" mfu {record['mfu']:.1%}" if "mfu" in record else ""))
+            + f"tokens/s {record['tokens_per_s']:.0f}" + (f" mfu {record['mfu']:.1%}" if "mfu" in record else "")
+            + (f" peak_memory_gb {record['peak_memory_gb']:.2f}" if "peak_memory_gb" in record else ""))
