@@ -165,3 +165,75 @@ def test_nproc_runs_torchrun(work):
     assert done.returncode == 0, done.stderr
     assert "running: -m torch.distributed.run --standalone --nproc_per_node=2 -m neftune_cli train" in done.stderr
     assert "on each of 2 processes (ddp)" in done.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_a_crash_equals_an_uninterrupted_run(work):
+    fsdp = ["--set", "train.distributed=fsdp"]
+    assert torchrun(2, "train", recipe(work, "full", steps=6), *fsdp).returncode == 0
+    cut = recipe(work, "cut", steps=6)
+    crashed = torchrun(2, "train", cut, *fsdp, env={"NEFTUNE_TEST_CRASH_AT": "step-4@1"})
+    assert crashed.returncode != 0 and (work / "cut" / "checkpoints" / "step-2" / "meta.json").is_file()
+    done = torchrun(2, "train", cut, *fsdp, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert_same_run(work / "full", work / "cut", tol=1e-6)
+
+
+def peak_rss_by_rank(proc: subprocess.Popen) -> dict[int, int]:
+    """Poll torchrun's worker processes for their peak resident memory (VmHWM, bytes) until torchrun exits."""
+    peaks: dict[int, int] = {}
+    while proc.poll() is None:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != proc.pid:
+                    continue
+                environ = dict(kv.split("=", 1) for kv in (stat.parent / "environ").read_bytes().decode(
+                    errors="replace").split("\0") if "=" in kv)
+                status = (stat.parent / "status").read_text()
+            except (OSError, IndexError, ValueError):
+                continue  # the process ended meanwhile
+            hwm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+            rank = int(environ.get("RANK", -1))
+            peaks[rank] = max(peaks.get(rank, 0), hwm)
+        time.sleep(0.2)
+    return peaks
+
+
+@pytest.mark.slow
+def test_fsdp_never_holds_the_whole_model_on_a_worker(work, tiny_model_dir):
+    """The FSDP model is built on the meta device on every rank and gets its weights in shards from rank 0 (which
+    alone loads them, into host memory): rank 1's memory grows by about half the model, not by all of it. On a
+    CPU (gloo) host memory stands in for GPU memory."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2560, num_hidden_layers=24,
+                         num_attention_heads=12, num_key_value_heads=12, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())  # 0.8 GB in float32
+    folder = work / "big"
+    model.save_pretrained(folder)
+    del model
+    for file in tiny_model_dir.iterdir():
+        if "token" in file.name or file.suffix == ".jinja":
+            shutil.copy(file, folder / file.name)
+
+    def peaks(model: str) -> dict[int, int]:
+        path = recipe(work, f"run-{len(list(work.glob('run-*.yaml')))}", steps=1)
+        path.write_text(path.read_text().replace('"builtin:tiny-llama"', json.dumps(model)))
+        # a fixed mmap threshold: freed tensors go back to the system, so the peak counts tensors, not malloc's cache
+        proc = torchrun(2, "train", path, "--set", "train.distributed=fsdp", "--set", "data.eval_sources=[]",
+                        "--set", "train.grad_accum=2", "--set", "train.micro_batch_size=1",
+                        env={"MALLOC_MMAP_THRESHOLD_": "1000000"}, wait=False)
+        found = peak_rss_by_rank(proc)
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err
+        return found
+
+    libraries, big = peaks("builtin:tiny-llama"), peaks(str(folder))  # the same run with a model of ~0 bytes
+    growth = {rank: big[rank] - libraries[rank] for rank in (0, 1)}
+    assert growth[1] < size, (growth, size)  # half the model, a few layers gathered at a time, the activations
+    assert growth[0] < 1.75 * size, (growth, size)  # the host copy it sends from, and its own half

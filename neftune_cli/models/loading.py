@@ -101,14 +101,19 @@ def check_kernel(spec: ModelSection) -> None:
         choose_kernel(spec, config, model_path(spec))
 
 
-def load_base_model(spec: ModelSection, device: torch.device):
-    """The recipe's base model as training loads it (dtype, attention, RoPE scaling); generation and eval reuse it."""
+def load_base_model(spec: ModelSection, device: torch.device, *, empty: bool = False):
+    """The recipe's base model as training loads it (dtype, attention, RoPE scaling); generation and eval reuse it.
+    empty: built on the meta device, without weights (FSDP shards it first, then rank 0 sends the weights)."""
     from transformers import AutoModelForCausalLM
 
     path = model_path(spec)
     config = load_config(spec)
     kernel = choose_kernel(spec, config, path)
     dtype = resolve_dtype(spec.dtype, device)
+    if empty:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=kernel,
+                                                    trust_remote_code=spec.trust_remote_code)
     # A 4-bit base is quantized as it loads onto its device (device_map); it cannot be moved afterwards.
     placement = {"quantization_config": bnb_config(spec, dtype), "device_map": {"": str(device)}} \
         if spec.quantization else {}
@@ -122,10 +127,10 @@ def load_base_model(spec: ModelSection, device: torch.device):
     return model
 
 
-def load_model(recipe: Recipe, device: torch.device):
+def load_model(recipe: Recipe, device: torch.device, *, empty: bool = False):
     """The model to train: the base in the recipe's dtype (4-bit linear layers under model.quantization), wrapped
-    with LoRA unless finetune is full."""
-    model = load_base_model(recipe.model, device)
+    with LoRA unless finetune is full; empty: on the meta device (see load_base_model)."""
+    model = load_base_model(recipe.model, device, empty=empty)
     if recipe.train.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (our inputs_embeds carry no grad under LoRA).
         # transformers 5 renamed it (the old name still works there, with a deprecation warning).

@@ -50,7 +50,13 @@ from neftune_cli.train.progress import Progress
 from neftune_cli.train.resume import check_resumable, restore_rng, rng_state, seed_everything
 from neftune_cli.train.schedule import Schedule
 from neftune_cli.train.signals import StopRequest, stop_on_signals
-from neftune_cli.train.step import CausalLMLoss, attention_stays_within_examples, check_forward, evaluate
+from neftune_cli.train.step import (
+    CausalLMLoss,
+    attention_stays_within_examples,
+    check_forward,
+    evaluate,
+    first_layer_gain,
+)
 
 
 def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
@@ -91,7 +97,7 @@ class FineTune:
 
     def run(self) -> dict:
         parallel.check_batch(self.cfg.grad_accum, self.cfg.micro_batch_size, self.dist)
-        seed_everything(self.cfg.seed)  # the same initial weights (LoRA's A) on every rank: FSDP does not broadcast
+        seed_everything(self.cfg.seed)  # the same initial weights (LoRA's A) on every rank, as one process gets
         for warning in self.loaded.warnings():
             log(f"warning: {warning}")
         self.setup_data()
@@ -128,30 +134,28 @@ class FineTune:
                 and self.run_dir.final.is_dir())
 
     def setup_model(self) -> None:
-        recipe, device = self.recipe, self.dist.device
-        self.model = load_model(recipe, device)
+        recipe, device, dist = self.recipe, self.dist.device, self.dist
         self.precision = Precision.of(resolve_dtype(recipe.model.dtype, device), self.cfg.precision)
-        self.precision.cast_trained([p for p in self.model.parameters() if p.requires_grad])
         if (warning := self.precision.warning(recipe.finetune)) is not None:
             log(f"warning: {warning}")
-        if self.resume_from is not None:
-            load_weights(self.model, self.resume_from)  # before FSDP shards the parameters
+        # FSDP: every rank builds the model without weights and shards it; rank 0 alone loads them, into host memory
+        if not dist.fsdp:
+            self.model = self.loaded_model(device)
+        else:
+            source = self.loaded_model(torch.device("cpu")) if dist.main else None
+            self.model = load_model(recipe, device, empty=True)
+            self.precision.cast_trained([p for p in self.model.parameters() if p.requires_grad])
         self.lm_loss = CausalLMLoss(self.model, recipe.neftune.alpha, recipe.neftune.scale,
-                                    router_aux_coef=self.cfg.router_aux_loss_coef, precision=self.precision)
-        if self.cfg.batching == "pack" and not attention_stays_within_examples(self.lm_loss):
-            raise UsageError(f"train.batching: pack needs attention that stays within each packed example, and "
-                             f"{recipe.model.name_or_path} with attn_implementation "
-                             f"{recipe.model.attn_implementation} lets examples see each other; use batching: pad, "
-                             f"or attn_implementation: flash_attention_2 or flex_attention")
-        check_forward(self.lm_loss, recipe.model.name_or_path)
-        if self.lm_loss.noise_alpha and self.lm_loss.first_layer_gain is None:
-            log(f"warning: {type(self.lm_loss.decoder).__name__} transforms the embeddings non-linearly before its "
-                "first layer (e.g. a LayerNorm); the noise is added to the embedding output, as the paper's code and "
-                "transformers' hook do, and noise_norm is measured there")
+                                    router_aux_coef=self.cfg.router_aux_loss_coef, precision=self.precision,
+                                    measure=False)
+        self.forward = parallel.wrap(self.lm_loss, dist, self.precision)  # DDP/FSDP around the loss module
+        if dist.fsdp:
+            parallel.materialize(self.lm_loss, source, dist)
+            del source
+        self.check_model()
         self.peak_flops = peak_flops(device)
         mean_length = sum(self.lengths) / max(len(self.lengths), 1)
         self.token_flops = flops_per_token(self.model, mean_length) if self.peak_flops else None
-        self.forward = parallel.wrap(self.lm_loss, self.dist, self.precision)  # DDP/FSDP around the loss module
         if self.dist.rank:
             seed_everything(self.cfg.seed + self.dist.rank)  # from here each rank its own dropout stream
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -166,6 +170,36 @@ class FineTune:
             whose = "the model's" if self.cfg.router_aux_loss_coef is None else "train.router_aux_loss_coef"
             log(f"model: router load-balancing loss weighted {self.lm_loss.router_aux_coef:g} ({whose}), logged as "
                 "router_aux_loss")
+
+    def loaded_model(self, device: torch.device):
+        """The model with its weights: the base (and LoRA), trained parameters in their master dtype, and a resumed
+        run's trained weights."""
+        model = load_model(self.recipe, device)
+        self.precision.cast_trained([p for p in model.parameters() if p.requires_grad])
+        if self.resume_from is not None:
+            load_weights(model, self.resume_from)
+        return model
+
+    def check_model(self) -> None:
+        """Start-up measurements and checks, each a tiny forward (through FSDP when it holds the weights): the
+        noise's first-layer gain, packing isolation, and our forward against the model's own."""
+        recipe, lm_loss = self.recipe, self.lm_loss
+
+        def probe(check):
+            return parallel.probe(self.forward, lm_loss, check, self.dist)
+
+        if lm_loss.noise_alpha:
+            lm_loss.first_layer_gain = probe(first_layer_gain)
+        if self.cfg.batching == "pack" and not probe(attention_stays_within_examples):
+            raise UsageError(f"train.batching: pack needs attention that stays within each packed example, and "
+                             f"{recipe.model.name_or_path} with attn_implementation "
+                             f"{recipe.model.attn_implementation} lets examples see each other; use batching: pad, "
+                             f"or attn_implementation: flash_attention_2 or flex_attention")
+        probe(lambda m: check_forward(m, recipe.model.name_or_path))
+        if lm_loss.noise_alpha and lm_loss.first_layer_gain is None:
+            log(f"warning: {type(self.lm_loss.decoder).__name__} transforms the embeddings non-linearly before its "
+                "first layer (e.g. a LayerNorm); the noise is added to the embedding output, as the paper's code and "
+                "transformers' hook do, and noise_norm is measured there")
 
     def setup_optimizer(self) -> None:
         cfg, device = self.cfg, self.dist.device

@@ -143,6 +143,29 @@ def wrap(lm_loss: nn.Module, dist: Dist, precision: Precision) -> nn.Module:
     return lm_loss
 
 
+def materialize(lm_loss: nn.Module, source: nn.Module | None, dist: Dist) -> None:
+    """FSDP: the model, built on the meta device and sharded on every rank, gets its weights. Rank 0 holds them whole
+    in host memory (``source``: the same model, loaded on the CPU) and sends each rank its shards, tensor by
+    tensor, so no GPU ever holds the whole model. Buffers (RoPE tables, ...) come from rank 0 as well."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    lm_loss.to_empty(device=dist.device)
+    state = source.state_dict() if dist.main else {}
+    set_model_state_dict(lm_loss.model, state,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = dict(source.named_buffers()) if dist.main else {}
+    for name, buffer in lm_loss.model.named_buffers():
+        if dist.main:
+            buffer.copy_(buffers[name])
+        torch_dist.broadcast(buffer, src=0)
+
+
+def probe(forward: nn.Module, lm_loss: nn.Module, check, dist: Dist):
+    """``check(lm_loss)`` (a start-up measurement or check); under FSDP run as the sharded module's forward, on
+    every rank, so that FSDP gathers the weights it reads."""
+    return forward(probe=check) if dist.fsdp else check(lm_loss)
+
+
 def decoder_layers(lm_loss: nn.Module) -> list[nn.Module]:
     layers = getattr(lm_loss.decoder, "layers", None)
     if layers is None:

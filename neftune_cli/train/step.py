@@ -51,10 +51,12 @@ class CausalLMLoss(nn.Module):
 
     ``router_aux_coef``: None takes the model's own ``router_aux_loss_coef`` (MoE models), 0 turns the router's
     load-balancing loss off; ``router_aux`` is computed (in training) only where the coefficient is not 0.
-    ``precision``: the forward runs under its autocast (train/precision.py); by default none."""
+    ``precision``: the forward runs under its autocast (train/precision.py); by default none.
+    ``probe``: a start-up check run as this module's forward, ``probe(self)``, so that FSDP gathers the weights for
+    it the way it does for a training forward (train/parallel.py: probe)."""
 
     def __init__(self, model: nn.Module, noise_alpha: float | None, noise_scale: str,
-                 router_aux_coef: float | None = None, precision: Precision = FLOAT32):
+                 router_aux_coef: float | None = None, precision: Precision = FLOAT32, measure: bool = True):
         super().__init__()
         self.model = model
         self.precision = precision
@@ -79,10 +81,13 @@ class CausalLMLoss(nn.Module):
             raise UsageError(f"train.router_aux_loss_coef: {type(causal).__name__} has no router load-balancing loss")
         own = getattr(config, "router_aux_loss_coef", None) if has_router else None
         self.router_aux_coef = float(own or 0.0) if router_aux_coef is None else float(router_aux_coef)
-        # Measured once: only the noise needs it, and the measurement is a (tiny) decoder forward.
-        self.first_layer_gain = first_layer_gain(self) if self.noise_alpha > 0 else 1.0
+        # Measured once: only the noise needs it, and the measurement is a (tiny) decoder forward. measure=False:
+        # the model has no weights yet (FSDP's meta-device build); training measures it once they are in.
+        self.first_layer_gain = first_layer_gain(self) if self.noise_alpha > 0 and measure else 1.0
 
-    def forward(self, input_ids, targets, attention_mask=None, position_ids=None, generator=None):
+    def forward(self, input_ids=None, targets=None, attention_mask=None, position_ids=None, generator=None, probe=None):
+        if probe is not None:
+            return probe(self)
         with self.precision.autocast(input_ids.device):
             return self._forward(input_ids, targets, attention_mask, position_ids, generator)
 
@@ -129,10 +134,6 @@ class CausalLMLoss(nn.Module):
         return F.cross_entropy(self.logits(hidden), targets, reduction="sum")
 
 
-class _Captured(Exception):
-    """Ends a forward once the first decoder layer's input is in hand."""
-
-
 def first_layer(decoder: nn.Module) -> nn.Module | None:
     for name in ("layers", "h", "blocks"):
         layers = getattr(decoder, name, None)
@@ -150,14 +151,12 @@ def first_layer_input(lm_loss: CausalLMLoss, embeds: torch.Tensor) -> torch.Tens
     seen = []
 
     def capture(module, args, kwargs):
-        seen.append(args[0] if args else kwargs["hidden_states"])
-        raise _Captured
+        seen.append((args[0] if args else kwargs["hidden_states"]).clone())
 
+    # the whole (tiny) forward runs: ending it early from a hook would leave FSDP's per-layer state mid-forward
     handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         lm_loss.decoder(inputs_embeds=embeds, use_cache=False)
-    except _Captured:
-        pass
     finally:
         handle.remove()
     return seen[0] if seen else None
