@@ -217,3 +217,31 @@ def test_a_sweep_will_not_share_a_folder(cli, work, monkeypatch):
     code, _, err = cli("sweep", "r.yaml", *GRID)
     assert code == 2 and "holds 'notes.txt', which is not part of this sweep" in err
     assert (work / "runs" / "notes.txt").read_text() == "mine"
+
+
+def test_nproc_and_generate_options_pass_through_to_each_run(cli, work, monkeypatch):
+    from neftune_cli.cli import sweep as sweeps
+
+    monkeypatch.chdir(work)
+    code, out, err = cli("sweep", "r.yaml", "--set", "train.lr=1e-3", *GRID, "--generate", "prompts.jsonl",
+                         "--max-new-tokens", "16", "--nproc", "2", "--print")
+    assert code == 0, err
+    assert out.splitlines()[0] == ("neftune sweep r.yaml --set train.lr=1e-3 --grid neftune.alpha=0,5 --generate "
+                                   "prompts.jsonl --max-new-tokens 16 --nproc 2 --only neftune.alpha=0")
+    plan = sweeps.plan(Path("r.yaml"), ["train.lr=1e-3"], ["neftune.alpha=0,5"], Path("prompts.jsonl"),
+                       ["--max-new-tokens", "16"], 2)
+    first = plan.combinations[0]
+    assert sweeps.train_command(plan, first) == [
+        "train", "r.yaml", "--set", "train.lr=1e-3", "--set", "neftune.alpha=0", "--set",
+        'output.dir="runs/neftune.alpha=0"', "--nproc", "2"]
+    assert sweeps.generate_command(plan, first) == [
+        "generate", "runs/neftune.alpha=0", "--prompts", "prompts.jsonl", "--out", "runs/answers/neftune.alpha=0.json",
+        "--max-new-tokens", "16"]
+
+
+def test_grid_values_keep_commas_inside_brackets_and_quotes():
+    from neftune_cli.cli.sweep import split_values
+
+    assert split_values("0,5,10") == ["0", "5", "10"]
+    assert split_values("[q_proj,v_proj],all-linear,'a,b',{x: 1, y: 2}") == [
+        "[q_proj,v_proj]", "all-linear", "'a,b'", "{x: 1, y: 2}"]

@@ -195,6 +195,22 @@ def test_mlflow_server_that_does_not_answer_fails_at_start_up(cli, work, monkeyp
     assert not (work.parent / "run").exists()  # before any work
 
 
+def test_an_mlflow_store_that_cannot_be_opened_fails_at_start_up(cli, work, monkeypatch):
+    pytest.importorskip("mlflow")
+    try:
+        import sqlalchemy  # noqa: F401
+        pytest.skip("full mlflow is installed: a sqlite store opens")
+    except ImportError:
+        pass
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work.parent / 'mlflow.db'}")  # mlflow 3's default
+    code, _, err = cli("train", work, "--set", "train.report_to=[mlflow]")
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: train.report_to: mlflow: cannot use the tracking store "
+                                                   "sqlite:///"), err
+    assert not (work.parent / "run").exists()
+
+
 # --- Trackio, local ------------------------------------------------------------------------------------------
 
 

@@ -46,20 +46,26 @@ def require_trackers(recipe: Recipe) -> None:
             raise UsageError(f"train.report_to: {name} needs the {extra} package: "
                              f"pip install 'neftune-cli[{extra}]'") from None
     if "mlflow" in recipe.train.report_to:
-        import mlflow
-
-        _check_reachable(mlflow.get_tracking_uri())
+        _check_mlflow_store()
 
 
-def _check_reachable(uri: str) -> None:
-    if not uri.startswith(("http://", "https://")):
+def _check_mlflow_store() -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:  # MLflow's client retries for minutes before it gives up; ask once, briefly
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        except (urllib.error.URLError, OSError) as e:
+            raise RuntimeFailure(f"train.report_to: mlflow: cannot reach the tracking server {uri} "
+                                 f"({getattr(e, 'reason', e)}); check MLFLOW_TRACKING_URI") from None
         return
-    try:  # MLflow's client retries for minutes before it gives up; ask once, briefly
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise RuntimeFailure(f"train.report_to: mlflow: cannot reach the tracking server {uri} ({reason}); "
-                             "check MLFLOW_TRACKING_URI") from None
+    try:  # a local store: a database backend mlflow-skinny lacks, a file store mlflow 3 refuses by default
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - MlflowException, ImportError of a backend package
+        raise RuntimeFailure(f"train.report_to: mlflow: cannot use the tracking store {uri} ({first_line(e)}); "
+                             "set MLFLOW_TRACKING_URI") from None
 
 
 def scalars(record: dict) -> dict[str, float]:
