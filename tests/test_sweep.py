@@ -245,3 +245,11 @@ def test_grid_values_keep_commas_inside_brackets_and_quotes():
     assert split_values("0,5,10") == ["0", "5", "10"]
     assert split_values("[q_proj,v_proj],all-linear,'a,b',{x: 1, y: 2}") == [
         "[q_proj,v_proj]", "all-linear", "'a,b'", "{x: 1, y: 2}"]
+
+
+def test_a_sweep_will_not_go_inside_a_training_run(cli, work, monkeypatch):
+    monkeypatch.chdir(work)
+    assert cli("train", "r.yaml", "--set", "train.max_steps=1")[0] == 0  # output.dir is now a run
+    code, _, err = cli("sweep", "r.yaml", *GRID)
+    assert code == 2 and "output.dir runs is a training run; a sweep puts its runs inside output.dir" in err
+    assert not (work / "runs" / "sweep.json").exists()
