@@ -1,6 +1,7 @@
 """Shared fixtures. Everything runs offline, and nothing is written outside pytest's temporary folders.
 
 - ``neftune_cache`` (session, autouse): a temporary cache root exported as ``NEFTUNE_CACHE``.
+- ``tracker_dirs`` (session, autouse): TRACKIO_DIR, WANDB_DIR and WANDB_CACHE_DIR in temporary folders.
 - ``tiny_model_dir`` (session): the ``builtin:tiny-llama`` folder, materialised once per session into a
   temporary cache; ``NEFTUNE_CACHE`` points at that cache for the whole session, so a recipe or CLI run that
   says ``builtin:tiny-llama`` reuses it (and never touches ``~/.cache``).
@@ -35,6 +36,17 @@ def neftune_cache(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NEFTUNE_CACHE", str(root))
         yield root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracker_dirs(tmp_path_factory) -> None:
+    """Trackio and W&B write their local stores and logs under the session's temporary folder, never into ~/.cache
+    (Trackio reads TRACKIO_DIR once, when first imported, which no test does before this)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRACKIO_DIR", str(tmp_path_factory.mktemp("trackio")))
+        mp.setenv("WANDB_DIR", str(tmp_path_factory.mktemp("wandb")))
+        mp.setenv("WANDB_CACHE_DIR", str(tmp_path_factory.mktemp("wandb-cache")))  # wandb-core's debug logs
+        yield
 
 
 @pytest.fixture(scope="session")

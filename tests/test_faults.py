@@ -209,9 +209,11 @@ def test_nan_gradients_with_a_finite_loss(cli, work, monkeypatch):
 
 
 def test_non_finite_metrics_are_written_as_null(tmp_path):
+    from data_helpers import recipe as some_recipe
+
     from neftune_cli.train.metrics import MetricsLog
 
-    log = MetricsLog(tmp_path, report_to=[])
+    log = MetricsLog(tmp_path, some_recipe(["unused.jsonl"]))
     log.write({"step": 1, "eval_loss": float("inf"), "loss": float("nan"), "lr": 0.1})
     log.close()
     assert strict_json_lines(tmp_path / "metrics.jsonl") == [{"step": 1, "eval_loss": None, "loss": None, "lr": 0.1}]

@@ -23,7 +23,15 @@ from neftune_cli import __version__
 from neftune_cli.cli.data import app as data_app
 from neftune_cli.cli.launch import EXIT_CODE_DIR, run_torchrun
 from neftune_cli.io.console import err, log, out, stdout_is_tty
-from neftune_cli.io.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, first_line
+from neftune_cli.io.errors import (
+    EXIT_RUNTIME,
+    EXIT_SIGINT,
+    EXIT_USAGE,
+    OOM_HINT,
+    NeftuneError,
+    UsageError,
+    first_line,
+)
 from neftune_cli.models.loading import check_kernel
 from neftune_cli.models.quantization import require_bitsandbytes
 from neftune_cli.recipe.load import load_recipe
@@ -274,6 +282,62 @@ def plot(
 
     plot_curves(runs, out_file)
     out.print(f"wrote {out_file}", markup=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep(
+    ctx: typer.Context,
+    recipe: Path = RecipeArg,
+    set_: list[str] = SetOpt,
+    grid: list[str] = typer.Option(..., "--grid", metavar="KEY=V1,V2,...", help="Values of a key (the --set "
+                                   "grammar; commas inside [...] belong to a value). Repeatable: one run per "
+                                   "combination."),
+    prompts: Path = typer.Option(None, "--generate", metavar="PROMPTS", help="Answer these prompts after each "
+                                 "training; generate's options (--max-new-tokens ...) follow it."),
+    print_: bool = typer.Option(False, "--print", help="Print one self-contained command per run (for a SLURM "
+                                "array, GNU parallel, a job queue) instead of running them."),
+    collect: bool = typer.Option(False, "--collect", help="Only print the table (and plot) of the finished runs."),
+    only: str = typer.Option(None, "--only", metavar="RUN", help="Run just this one combination (as --print "
+                             "writes it)."),
+    nproc: int = typer.Option(None, "--nproc", min=1, help="Processes (GPUs) per run: each trains under torchrun."),
+) -> None:
+    """One training run per combination of the grid under OUTPUT_DIR/<key=value>, then compare's table of all.
+
+    Restartable: finished runs are skipped, an interrupted one resumes exactly.
+    Example: neftune sweep recipes/llama2-alpaca.yaml --grid neftune.alpha=0,5,10,15 --generate prompts.json
+    --max-new-tokens 256
+    """
+    from neftune_cli.analysis.compare import format_table
+    from neftune_cli.cli import sweep as sweeps
+
+    if print_ + collect + (only is not None) > 1:
+        raise typer.BadParameter("--print, --collect and --only exclude each other")
+    planned = sweeps.plan(recipe, set_ or [], grid, prompts, _generate_args(ctx, prompts), nproc)
+    if print_:
+        sweeps.print_commands(planned)
+        return
+    if not collect:
+        sweeps.run_sweep(planned, only)
+    if only is None:
+        for line in format_table(sweeps.collect(planned)):
+            out.print(line, markup=False)
+
+
+def _generate_args(ctx: typer.Context, prompts: Path | None) -> list[str]:
+    """The sweep's options after --generate are generate's: checked by generate's own parser, now."""
+    args = list(ctx.args)
+    if args and prompts is None:
+        raise typer.BadParameter(f"{args[0]}: not an option of sweep (generate's options come with --generate)")
+    taken = [a for a in args if a.split("=")[0] in ("--prompts", "--out")]
+    if taken:
+        raise typer.BadParameter(f"{taken[0]}: the sweep sets it (--generate PROMPTS; answers in OUTPUT_DIR/answers)")
+    if args:
+        generate_command = ctx.find_root().command.get_command(ctx, "generate")
+        try:
+            generate_command.make_context("generate", ["MODEL", "--prompts", str(prompts), "--out", "-", *args])
+        except ClickException as e:
+            raise UsageError(f"sweep --generate: {e.format_message()}") from None
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

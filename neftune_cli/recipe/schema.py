@@ -211,6 +211,19 @@ class NeftuneSection(Section):
     )
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
+class TrackingSection(Section):
+    project: str | None = Field(
+        None, min_length=1,
+        description="W&B project, MLflow experiment, Trackio project. null: the tracker's own variable "
+        "(WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME), else neftune.",
+    )
+    entity: str | None = Field(None, min_length=1, description="W&B entity (user or team); null: WANDB_ENTITY or "
+                               "your default. The MLflow server is MLFLOW_TRACKING_URI's.")
+
+
 class TrainSection(Section):
     epochs: int = Field(3, ge=1, description="Passes over the training data (unless max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
@@ -251,11 +264,14 @@ class TrainSection(Section):
     eval_every: int | None = Field(None, ge=1, description="Steps between eval-loss runs (and one at the end).")
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (and one at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
-    report_to: list[Literal["tensorboard"]] = Field(
+    report_to: list[Literal[TRACKERS]] = Field(
         default_factory=list,
-        description="Where metrics go besides metrics.jsonl: [tensorboard] writes TensorBoard events to "
-        "OUTPUT_DIR/tensorboard (pip install 'neftune-cli[tensorboard]').",
+        description="Where metrics go besides metrics.jsonl, the same scalars (train/loss, train/lr, ..., "
+        "eval/loss): tensorboard (events in OUTPUT_DIR/tensorboard), wandb, mlflow, trackio; each needs its extra, "
+        "e.g. pip install 'neftune-cli[wandb]'. Rank 0 reports; --resume continues the same tracker run.",
     )
+    tracking: TrackingSection = Field(default_factory=TrackingSection,
+                                      description="Where wandb, mlflow and trackio put the run.")
 
 
 class OutputSection(Section):

@@ -30,7 +30,8 @@ from neftune_cli.io import faults
 from neftune_cli.io.atomic import TMP_PREFIX, atomic_dir, atomic_file
 from neftune_cli.io.console import log
 from neftune_cli.io.errors import UsageError, first_line
-from neftune_cli.train.metrics import METRICS_FILE, TENSORBOARD_DIR
+from neftune_cli.train.metrics import METRICS_FILE
+from neftune_cli.train.trackers import TENSORBOARD_DIR, TRACKERS_FILE
 
 if TYPE_CHECKING:
     from neftune_cli.models.serving_files import TokenizerFiles
@@ -41,7 +42,7 @@ RUN_MARKER = "neftune-run.json"  # what makes a folder recognisably one of our r
 LOCK_FILE = ".lock"
 # Everything a run directory may hold. --overwrite deletes only a folder holding nothing else.
 RUN_ENTRIES = {RUN_MARKER, LOCK_FILE, "recipe.yaml", "data_report.json", METRICS_FILE, "checkpoints", "final",
-               TENSORBOARD_DIR}
+               TENSORBOARD_DIR, TRACKERS_FILE}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

@@ -44,7 +44,7 @@ from neftune_cli.train.checkpoint import (
     save_final,
 )
 from neftune_cli.train.flops import flops_per_token, numel, peak_flops, peak_memory_gb
-from neftune_cli.train.metrics import MetricsLog, log_line, summary_writer_class
+from neftune_cli.train.metrics import MetricsLog, log_line
 from neftune_cli.train.precision import Precision
 from neftune_cli.train.progress import Progress
 from neftune_cli.train.resume import check_resumable, restore_rng, rng_state, seed_everything
@@ -57,14 +57,14 @@ from neftune_cli.train.step import (
     evaluate,
     first_layer_gain,
 )
+from neftune_cli.train.trackers import require_trackers
 
 
 def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
                  resume_command: str = "neftune train RECIPE --resume") -> dict:
     """Train as the recipe says, holding output.dir for the whole run (rank 0 holds it under torchrun).
     Returns the final summary (also printed)."""
-    if "tensorboard" in loaded.recipe.train.report_to:
-        summary_writer_class()  # a missing extra fails now, not after tokenizing and loading the model
+    require_trackers(loaded.recipe)  # a missing extra or server fails now, not after tokenizing and loading the model
     # auto becomes the kernel the model supports before anything is recorded: a run's recipe names what it ran
     loaded.recipe.model.attn_implementation = resolved_kernel(loaded.recipe.model)
     dist = parallel.init(loaded.recipe.train.distributed)
@@ -231,7 +231,7 @@ class FineTune:
 
     def train(self) -> dict:
         cfg, total = self.cfg, self.schedule.total_steps
-        self.metrics = MetricsLog(self.run_dir.root, cfg.report_to, self.start_step) if self.dist.main else None
+        self.metrics = MetricsLog(self.run_dir.root, self.recipe, self.start_step) if self.dist.main else None
         self.progress = Progress(total, self.start_step, enabled=stdout_is_tty() and self.dist.main)
         self.started = self.window_start = time.perf_counter()
         self.window_tokens = 0
@@ -259,7 +259,7 @@ class FineTune:
             raise RuntimeFailure(f"CUDA out of memory - {OOM_HINT}") from None
         finally:
             if self.metrics is not None:
-                self.metrics.close()
+                self.metrics.close(finished=step == total)
         return self.finish(step, last)
 
     def micro_batches(self, step: int) -> list[tuple[list[int], float]]:

@@ -1,5 +1,5 @@
-"""What a run records per step: `metrics.jsonl` always (strict JSON, one object per line), and TensorBoard
-events under `tensorboard/` when `train.report_to` names it. Rank 0 writes; `compare` and `plot` read."""
+"""What a run records per step: `metrics.jsonl` always (strict JSON, one object per line), and the same numbers to
+the trackers `train.report_to` names (train/trackers.py). Rank 0 writes; `compare` and `plot` read."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 
 from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.errors import DataError, UsageError
+from neftune_cli.recipe.schema import Recipe
+from neftune_cli.train.trackers import log_to, open_trackers
 
 METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 
 
 def json_line(record: dict) -> str:
@@ -20,47 +21,34 @@ def json_line(record: dict) -> str:
     return json.dumps(record, allow_nan=False) + "\n"
 
 
-def summary_writer_class():
-    """torch's TensorBoard writer, or a one-line error naming the extra that provides it."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # torch imports the tensorboard package lazily, here
-        raise UsageError("train.report_to: tensorboard needs the tensorboard package: "
-                         "pip install 'neftune-cli[tensorboard]'") from None
-    return SummaryWriter
-
-
 class MetricsLog:
     """The run's metric sinks. `start_step` > 0 (a resume from that checkpoint): what the interrupted run logged
-    after it is dropped, from metrics.jsonl here and from TensorBoard by its `purge_step`; the resumed run logs
-    those steps again."""
+    after it is dropped from metrics.jsonl (the resumed run logs those steps again) and from TensorBoard by its
+    `purge_step`; trackers that cannot drop history are not sent those steps again."""
 
-    def __init__(self, run_root: Path, report_to: list[str], start_step: int = 0):
+    def __init__(self, run_root: Path, recipe: Recipe, start_step: int = 0):
         path = run_root / METRICS_FILE
+        self._already_logged = set()
         if start_step and path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+            records = [json.loads(line) for line in lines]
+            self._already_logged = {(r["step"], "eval" if "eval_loss" in r else "train") for r in records
+                                    if r["step"] > start_step}
             with atomic_file(path) as f:
-                f.write("".join(line + "\n" for line in lines if line and json.loads(line)["step"] <= start_step))
-        self._tensorboard = None
-        if "tensorboard" in report_to:
-            purge = start_step + 1 if start_step else None
-            self._tensorboard = summary_writer_class()(str(run_root / TENSORBOARD_DIR), purge_step=purge)
+                f.write("".join(line + "\n" for line, r in zip(lines, records, strict=True)
+                                if r["step"] <= start_step))
+        self._trackers = open_trackers(run_root, recipe, start_step)
         self._file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self._file.write(json_line(record))
         self._file.flush()  # a reader (tail -f, a killed run's leftovers) sees whole steps
-        if self._tensorboard is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, int | float) and math.isfinite(value):
-                    tag = "eval/loss" if key == "eval_loss" else f"train/{key}"
-                    self._tensorboard.add_scalar(tag, value, record["step"])
-            self._tensorboard.flush()
+        self._trackers = log_to(self._trackers, record, self._already_logged)
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
         self._file.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        for tracker in self._trackers:
+            tracker.close(finished)
 
 
 def read_metrics(run: Path) -> list[dict]:
