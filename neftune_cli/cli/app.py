@@ -162,6 +162,13 @@ ModelArg = typer.Argument(..., help="Run dir, checkpoint dir, merged folder, hub
                           show_default=False)
 TemplateOpt = typer.Option(None, "--template", help="chat|alpaca: prompt format of a plain model (default: chat; "
                            "a run uses its own).")
+# Decoding options, shared by generate and chat
+MaxNewTokensOpt = typer.Option(512, "--max-new-tokens", min=1)
+RepetitionPenaltyOpt = typer.Option(1.2, "--repetition-penalty", min=1.0,
+                                    help="1.2 as the paper generated for AlpacaEval; 1 turns it off.")
+TemperatureOpt = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; above 0: sampling.")
+TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature).")
+SeedOpt = typer.Option(0, "--seed", help="Sampling seed.")
 
 
 @app.command()
@@ -171,13 +178,12 @@ def generate(
     out_file: Path = typer.Option(..., "--out", help="Output file (replaced if it exists)."),
     fmt: str = typer.Option("json", "--format", help="json: AlpacaEval model outputs; jsonl: with token counts and "
                             "finish reasons."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
+    max_new_tokens: int = MaxNewTokensOpt,
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    repetition_penalty: float = typer.Option(1.2, "--repetition-penalty", min=1.0,
-                                             help="1.2 as the paper generated for AlpacaEval; 1 turns it off."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; above 0: sampling."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    repetition_penalty: float = RepetitionPenaltyOpt,
+    temperature: float = TemperatureOpt,
+    top_p: float = TopPOpt,
+    seed: int = SeedOpt,
     generator: str = typer.Option(None, "--generator", help="Generator name in the output (default: the run's)."),
     template: str = TemplateOpt,
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N prompts."),
@@ -196,6 +202,34 @@ def generate(
                         temperature=temperature, top_p=top_p, seed=seed)
     run_generate(resolve(model, _template(template)), prompts, out_file, settings, fmt=fmt, generator=generator,
                  limit=limit)
+
+
+@app.command()
+def chat(
+    model: str = ModelArg,
+    system: str = typer.Option(None, "--system", help="System message (chat templates; the Alpaca prompt's task "
+                               "description)."),
+    max_new_tokens: int = MaxNewTokensOpt,
+    repetition_penalty: float = RepetitionPenaltyOpt,
+    temperature: float = TemperatureOpt,
+    top_p: float = TopPOpt,
+    seed: int = SeedOpt,
+    template: str = TemplateOpt,
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (auto: cuda when there is one)."),
+) -> None:
+    """Talk to the model in its training prompt format: streamed, multi-turn on a terminal; one answer per line
+    from a pipe.
+
+    Example: neftune chat runs/demo    (or: echo "Add 2 and 3." | neftune chat runs/demo)
+    """
+    from neftune_cli.infer.chat import open_session, run_chat
+    from neftune_cli.infer.generate import Settings
+    from neftune_cli.infer.target import inference_device, resolve
+
+    settings = Settings(max_new_tokens=max_new_tokens, batch_size=1, repetition_penalty=repetition_penalty,
+                        temperature=temperature, top_p=top_p, seed=seed)
+    where = inference_device(device)
+    run_chat(open_session(resolve(model, _template(template)), settings, system=system, device=where))
 
 
 @app.command("eval")
