@@ -22,7 +22,7 @@ except ImportError:
 from neftune_cli import __version__
 from neftune_cli.cli.data import app as data_app
 from neftune_cli.cli.launch import EXIT_CODE_DIR, run_torchrun
-from neftune_cli.io.console import err, log, out, stdout_is_tty
+from neftune_cli.io.console import err, log, out, stdout_is_tty, table
 from neftune_cli.io.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, first_line
 from neftune_cli.models.loading import check_kernel
 from neftune_cli.models.quantization import require_bitsandbytes
@@ -242,9 +242,21 @@ def eval_(
                                        "generated with (to count cut answers when they carry no finish reason)."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Default: the run's micro_batch_size."),
     template: str = TemplateOpt,
+    tasks: str = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks, comma-separated, e.g. "
+                              "arc_easy,hellaswag,mmlu,truthfulqa_mc2 (needs the lm-eval extra)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="--tasks: at most N documents per task."),
+    num_fewshot: int = typer.Option(None, "--num-fewshot", min=0, help="--tasks: few-shot examples (default: "
+                                    "each task's own)."),
+    include_path: Path = typer.Option(None, "--include-path", help="--tasks: a folder of task YAMLs (the "
+                                      "harness's format) besides its own."),
+    results_file: Path = typer.Option(None, "--results", help="--tasks: where the harness's results JSON goes "
+                                      "(default: RUN/lm_eval.json for a run; other models: not written)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="--tasks: replace a results file an earlier "
+                                   "eval --tasks wrote."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Held-out loss and perplexity (no noise, training masks); with --answers their length and diversity.
+    """Held-out loss and perplexity (no noise, training masks); with --answers their length and diversity; with
+    --tasks benchmark scores from lm-evaluation-harness.
 
     Example: neftune eval runs/demo --answers answers.json
     """
@@ -252,12 +264,32 @@ def eval_(
     from neftune_cli.infer.eval_loss import has_eval_data, heldout_loss
     from neftune_cli.infer.target import resolve
 
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else []
+    if tasks is not None and not names:
+        raise typer.BadParameter(f"--tasks {tasks!r}: no task names")
+    written = None
+    if names:  # fail on a missing extra or a results file we may not replace before loading anything
+        from neftune_cli.infer import harness
+
+        harness.require_lm_eval()
+        written = harness.results_path(model, results_file)
+        if written is not None:
+            harness.check_writable(written, overwrite)
     target = resolve(model, _template(template))
     result = {}
-    if data is not None or has_eval_data(target) or answers is None:
+    if data is not None or has_eval_data(target) or (answers is None and not names):
         result["loss"] = heldout_loss(target, data, batch_size)
     if answers is not None:
         result["answers"] = answer_stats(read_answers(answers), target.tokenizer(), max_new_tokens)
+    if names:
+        results = harness.run_tasks(target, model, names, limit=limit, num_fewshot=num_fewshot,
+                                    batch_size=batch_size, include_path=include_path)
+        if written is not None:
+            harness.write_results(written, results)
+            log(f"eval: wrote the harness's results to {written}")
+        else:
+            log("eval: results JSON not written (MODEL is not a run dir; --results FILE writes it)")
+        result["tasks"] = {"results_file": str(written) if written else None, "rows": harness.rows(results)}
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -267,6 +299,9 @@ def eval_(
                   f"examples, {loss['trained_tokens']:,} trained tokens; {loss['data']})", markup=False)
     for line in format_stats(result["answers"]) if answers is not None else []:
         out.print(line, markup=False)
+    if names:
+        for line in table(*harness.format_rows(result["tasks"]["rows"])):
+            out.print(line, markup=False)
 
 
 def _template(template: str | None) -> str | None:
