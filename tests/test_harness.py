@@ -120,7 +120,7 @@ def test_harness_accuracy_equals_a_hand_computed_loglikelihood_ranking(run, task
     assert row["metrics"]["acc"]["value"] == pytest.approx(acc, abs=1e-9)
     assert row["metrics"]["acc_norm"]["value"] == pytest.approx(acc_norm, abs=1e-9)
     assert row["metric"] == "acc_norm" and row["stderr"] is not None
-    saved = json.loads((run / "lm_eval.json").read_text())
+    saved = json.loads((run / "lm_eval-neftune_mc.json").read_text())
     assert saved["results"]["neftune_mc"]["acc,none"] == row["metrics"]["acc"]["value"]
     assert saved["neftune_cli"]["tasks"] == ["neftune_mc"]
 
@@ -133,7 +133,7 @@ def test_harness_accuracy_equals_a_hand_computed_loglikelihood_ranking(run, task
 
 def test_limit_rerun_and_files_we_did_not_write(run, task_dir, cli, tmp_path):
     args = ["eval", run, "--tasks", "neftune_mc", "--include-path", task_dir]
-    if not (run / "lm_eval.json").exists():
+    if not (run / "lm_eval-neftune_mc.json").exists():
         assert cli(*args)[0] == 0
     code, _, err = cli(*args, "--limit", "5")
     assert code == 2 and "--overwrite replaces it" in err
@@ -141,7 +141,8 @@ def test_limit_rerun_and_files_we_did_not_write(run, task_dir, cli, tmp_path):
     assert code == 0, err
     target = resolve(str(run))
     acc, _, _ = hand_scores(target.load(torch.device("cpu"), merge=False), target.tokenizer(), limit=5)
-    assert json.loads((run / "lm_eval.json").read_text())["results"]["neftune_mc"]["acc,none"] == pytest.approx(acc)
+    saved = json.loads((run / "lm_eval-neftune_mc.json").read_text())
+    assert saved["results"]["neftune_mc"]["acc,none"] == pytest.approx(acc)
     assert out.splitlines()[0].split()[:3] == ["task", "n-shot", "samples"]
     assert out.splitlines()[1].split()[:3] == ["neftune_mc", "0", "5"]
 

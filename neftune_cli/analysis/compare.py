@@ -2,7 +2,7 @@
 
 Everything comes from what training wrote: recipe.yaml (noise settings) and metrics.jsonl (steps, tokens, time,
 losses), plus the answers' length and diversity when answer files are given, and each benchmark's primary score
-(value ± stderr) when `neftune eval RUN --tasks ...` wrote RUN/lm_eval.json.
+(value ± stderr) from the RUN/lm_eval-*.json files `neftune eval RUN --tasks ...` wrote.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from pathlib import Path
 import yaml
 
 from neftune_cli.analysis.answers import answer_stats, read_answers
-from neftune_cli.infer.harness import RESULTS_FILE, read_results, score_cell
-from neftune_cli.infer.harness import rows as task_rows
+from neftune_cli.infer.harness import run_results, score_cell, task_rows
 from neftune_cli.io.console import log, table
 from neftune_cli.io.errors import UsageError
 from neftune_cli.train.metrics import read_metrics
@@ -66,13 +65,13 @@ def compare_rows(runs: list[Path], answers: list[Path]) -> list[dict]:
 
 
 def _task_scores(run: Path) -> dict:
-    path = run / RESULTS_FILE
-    if not path.is_file():
-        return {}
-    results = read_results(path)
-    limit = (results.get("config") or {}).get("limit")
-    return {"tasks": {r["task"]: {"metric": r["metric"], "value": r["value"], "stderr": r["stderr"],
-                                  "n_shot": r["n_shot"], "limit": limit} for r in task_rows(results)}}
+    """Each task's latest score in the run's eval --tasks results."""
+    scores = {}
+    for results in run_results(run):
+        limit = (results.get("config") or {}).get("limit")
+        scores |= {r["task"]: {"metric": r["metric"], "value": r["value"], "stderr": r["stderr"],
+                               "n_shot": r["n_shot"], "limit": limit} for r in task_rows(results)}
+    return {"tasks": scores} if scores else {}
 
 
 def _warn_unlike_settings(rows: list[dict]) -> None:

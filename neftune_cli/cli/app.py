@@ -250,7 +250,7 @@ def eval_(
     include_path: Path = typer.Option(None, "--include-path", help="--tasks: a folder of task YAMLs (the "
                                       "harness's format) besides its own."),
     results_file: Path = typer.Option(None, "--results", help="--tasks: where the harness's results JSON goes "
-                                      "(default: RUN/lm_eval.json for a run; other models: not written)."),
+                                      "(default: RUN/lm_eval-TASKS.json for a run; other models: not written)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="--tasks: replace a results file an earlier "
                                    "eval --tasks wrote."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
@@ -272,7 +272,7 @@ def eval_(
         from neftune_cli.infer import harness
 
         harness.require_lm_eval()
-        written = harness.results_path(model, results_file)
+        written = harness.results_path(model, names, results_file)
         if written is not None:
             harness.check_writable(written, overwrite)
     target = resolve(model, _template(template))
@@ -289,7 +289,7 @@ def eval_(
             log(f"eval: wrote the harness's results to {written}")
         else:
             log("eval: results JSON not written (MODEL is not a run dir; --results FILE writes it)")
-        result["tasks"] = {"results_file": str(written) if written else None, "rows": harness.rows(results)}
+        result["tasks"] = {"results_file": str(written) if written else None, "rows": harness.task_rows(results)}
     if as_json:
         out.print_json(json.dumps(result))
         return

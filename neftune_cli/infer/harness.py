@@ -4,14 +4,17 @@ The harness gets our loaded model object (``HFLM(pretrained=model, tokenizer=...
 loads it (dtype, attention, a QLoRA run's 4-bit base) with the adapter applied unmerged, as it was trained. Task
 prompts are the harness's own (no chat template), as on the OpenLLM Leaderboard the paper's Table 3 comes from.
 
-The harness's results JSON is written with our marker in it, so a later run can tell a file it may replace from one
-it must not touch; rows() reads it back for the table here and for `neftune compare`.
+The harness's results JSON is written with our marker in it (into a run dir: one file per task list), so a later
+run can tell a file it may replace from one it must not touch; task_rows() reads it back for the table here and for
+`neftune compare`.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
+import re
 from importlib.metadata import version
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.console import log
 from neftune_cli.io.errors import DataError, UsageError
 
-RESULTS_FILE = "lm_eval.json"  # in a run dir, where `neftune compare` looks
+RESULTS_GLOB = "lm_eval-*.json"  # in a run dir: one file per eval --tasks, where `neftune compare` looks
 MARKER = "neftune_cli"  # our key in the results JSON
 EXTRA = "pip install 'neftune-cli[lm-eval]'"
 PRIMARY = ("acc_norm", "acc")  # the metric shown first: the OpenLLM Leaderboard's (ARC/HellaSwag acc_norm, MMLU acc)
@@ -34,12 +37,18 @@ def require_lm_eval() -> None:
         raise UsageError(f"--tasks needs lm-evaluation-harness, which is not installed: {EXTRA}") from None
 
 
-def results_path(spec: str, given: Path | None) -> Path | None:
-    """--results, else lm_eval.json in a run dir; None for other models (then nothing is written)."""
+def results_path(spec: str, tasks: list[str], given: Path | None) -> Path | None:
+    """--results, else RUN/lm_eval-<tasks>.json in a run dir; None for other models (then nothing is written).
+    One file per task list, so the Leaderboard's tasks, each at its own shot count, sit side by side."""
     if given is not None:
         return given
     run = Path(spec).expanduser()
-    return run / RESULTS_FILE if (run / "recipe.yaml").is_file() else None
+    if not (run / "recipe.yaml").is_file():
+        return None
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", "+".join(tasks))
+    if len(name) > 100:
+        name = name[:80] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return run / RESULTS_GLOB.replace("*", name)
 
 
 def check_writable(path: Path, overwrite: bool) -> None:
@@ -103,6 +112,12 @@ def write_results(path: Path, results: dict) -> None:
         json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
 
 
+def run_results(run: Path) -> list[dict]:
+    """The results files eval --tasks wrote into a run dir, oldest first (others with the name are not ours)."""
+    found = [p for p in run.glob(RESULTS_GLOB) if p.is_file() and _is_ours(p)]
+    return [read_results(p) for p in sorted(found, key=lambda p: p.stat().st_mtime)]
+
+
 def read_results(path: Path) -> dict:
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
@@ -113,7 +128,7 @@ def read_results(path: Path) -> dict:
     return results
 
 
-def rows(results: dict) -> list[dict]:
+def task_rows(results: dict) -> list[dict]:
     """One row per task asked for (groups by their aggregate, not their subtasks): every metric with its stderr,
     and the primary one (acc_norm, else acc, else the first) as metric/value/stderr."""
     inside = {s for subs in (results.get("group_subtasks") or {}).values() for s in subs}
