@@ -41,6 +41,16 @@ metadata:
   version: 1.0
 """
 
+GROUP = """\
+group: neftune_group
+task: [neftune_mc, neftune_mc_b]
+aggregate_metric_list:
+  - metric: acc
+    weight_by_size: true
+metadata:
+  version: 1.0
+"""
+
 RECIPE = """\
 model:
   name_or_path: builtin:tiny-llama
@@ -82,6 +92,9 @@ def run(tmp_path_factory, tiny_model_dir):
 def task_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tasks")
     (folder / "neftune_mc.yaml").write_text(TASK.format(data=DATA, cache=folder / "hf-cache"))
+    (folder / "neftune_mc_b.yaml").write_text(TASK.format(data=DATA, cache=folder / "hf-cache")
+                                              .replace("task: neftune_mc", "task: neftune_mc_b"))
+    (folder / "group.yaml").write_text(GROUP)
     return folder
 
 
@@ -160,3 +173,15 @@ def test_unknown_task_and_missing_harness_exit_2(run, task_dir, cli, monkeypatch
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     code, _, err = cli("eval", run, "--tasks", "neftune_mc")
     assert code == 2 and "pip install 'neftune-cli[lm-eval]'" in err
+
+
+def test_a_group_is_one_row_with_its_aggregate(run, task_dir, cli, tmp_path):
+    """As mmlu: a group of tasks shows as the group's own row (the harness's size-weighted mean), no subtasks."""
+    code, out, err = cli("eval", run, "--tasks", "neftune_group", "--include-path", task_dir, "--limit", "3",
+                         "--results", tmp_path / "group.json", "--json")
+    assert code == 0, err
+    row, = json.loads(out)["tasks"]["rows"]
+    target = resolve(str(run))
+    acc, _, _ = hand_scores(target.load(torch.device("cpu"), merge=False), target.tokenizer(), limit=3)
+    assert row["task"] == "neftune_group" and row["samples"] == 6 and list(row["metrics"]) == ["acc"]
+    assert row["value"] == pytest.approx(acc)  # both subtasks hold the same three questions

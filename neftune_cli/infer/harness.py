@@ -136,10 +136,13 @@ def task_rows(results: dict) -> list[dict]:
     for name, entry in results["results"].items():
         if name in inside or not isinstance(entry, dict):
             continue
+        # the task's metrics are those it says which way is better for; the rest (sample_len...) is bookkeeping
+        metrics = (results.get("higher_is_better") or {}).get(name)
         scores = {}
         for key, value in entry.items():
             metric, _, kind = key.partition(",")
-            if metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if (metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or (metrics and metric not in metrics)):
                 continue
             stderr = entry.get(f"{metric}_stderr,{kind}")
             label = metric if kind in ("", "none") else f"{metric},{kind}"
@@ -147,7 +150,9 @@ def task_rows(results: dict) -> list[dict]:
         primary = next((m for m in PRIMARY if m in scores), next(iter(scores), None))
         samples = (results.get("n-samples") or {}).get(name) or {}
         out.append({"task": name, "metric": primary, **(scores.get(primary) or {"value": None, "stderr": None}),
-                    "n_shot": (results.get("n-shot") or {}).get(name), "samples": samples.get("effective"),
+                    "n_shot": (results.get("n-shot") or {}).get(name),
+                    "samples": samples.get("effective", entry.get("sample_len")),  # a group: its subtasks'
+
                     "metrics": scores})
     return out
 
