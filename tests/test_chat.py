@@ -6,6 +6,7 @@ from a pipe, stdout holds one answer per line and nothing else."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -192,3 +193,19 @@ def test_one_line_is_reversible():
     assert "\n" not in encoded
     decoded = encoded.encode().decode("unicode_escape")
     assert decoded == text
+
+
+def test_from_a_pipe_ctrl_c_mid_answer_exits_130_with_no_partial_line(tiny_model_dir, tmp_path):
+    child = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests/chat_child.py"), str(tmp_path / "gate"), "2",
+                              str(tiny_model_dir), "--max-new-tokens", "40"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        child.stdin.write("Add 2 and 3.\n")
+        child.stdin.flush()
+        wait_for(tmp_path / "gate.waiting")
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    assert out == ""

@@ -240,7 +240,8 @@ def eval_(
     answers: Path = typer.Option(None, "--answers", help="AlpacaEval outputs (or generate's jsonl) to measure."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="The limit the answers were "
                                        "generated with (to count cut answers when they carry no finish reason)."),
-    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Default: the run's micro_batch_size."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Default: the run's micro_batch_size "
+                                   "(--tasks on other models: 8)."),
     template: str = TemplateOpt,
     tasks: str = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks, comma-separated, e.g. "
                               "arc_easy,hellaswag,mmlu,truthfulqa_mc2 (needs the lm-eval extra)."),

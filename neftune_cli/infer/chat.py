@@ -211,7 +211,9 @@ def _piped(session: Session) -> None:
         line = raw.rstrip("\n")
         if not line.strip() or session.command(line):
             continue
-        answer, _ = session.answer(line)
+        answer, stopped = session.answer(line)
+        if stopped:  # no one to keep a session for: Ctrl-C ends the script's run (exit 130), no partial line
+            raise KeyboardInterrupt
         sys.stdout.write(one_line(answer.text) + "\n")
         sys.stdout.flush()
 
