@@ -168,7 +168,7 @@ RepetitionPenaltyOpt = typer.Option(1.2, "--repetition-penalty", min=1.0,
                                     help="1.2 as the paper generated for AlpacaEval; 1 turns it off.")
 TemperatureOpt = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; above 0: sampling.")
 TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature).")
-SeedOpt = typer.Option(0, "--seed", help="Sampling seed.")
+SeedOpt = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Sampling seed.")
 
 
 @app.command()
