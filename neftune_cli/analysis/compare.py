@@ -1,7 +1,8 @@
 """`neftune compare`: the paper's NEFTune-vs-baseline table for the user's own runs, one row per run.
 
 Everything comes from what training wrote: recipe.yaml (noise settings) and metrics.jsonl (steps, tokens, time,
-losses), plus the answers' length and diversity when answer files are given.
+losses), plus the answers' length and diversity when answer files are given, and each benchmark's primary score
+(value ± stderr) from the RUN/lm_eval-*.json files `neftune eval RUN --tasks ...` wrote.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 import yaml
 
 from neftune_cli.analysis.answers import answer_stats, read_answers
+from neftune_cli.infer.harness import run_results, score_cell, task_rows
+from neftune_cli.io.console import log, table
 from neftune_cli.io.errors import UsageError
 from neftune_cli.train.metrics import read_metrics
 
@@ -56,15 +59,37 @@ def compare_rows(runs: list[Path], answers: list[Path]) -> list[dict]:
             stats = answer_stats(read_answers(answers[k]), resolve(str(run)).tokenizer())
             row |= {"answer_tokens": stats["tokens"]["mean"], "answer_chars": stats["chars"]["mean"],
                     "hit_max": stats["hit_max_new_tokens"], "rep_2": stats["rep_2"], "diversity": stats["diversity"]}
-        rows.append(row)
+        rows.append(row | _task_scores(run))
+    _warn_unlike_settings(rows)
     return rows
+
+
+def _task_scores(run: Path) -> dict:
+    """Each task's latest score in the run's eval --tasks results."""
+    scores = {}
+    for results in run_results(run):
+        limit = (results.get("config") or {}).get("limit")
+        scores |= {r["task"]: {"metric": r["metric"], "value": r["value"], "stderr": r["stderr"],
+                               "n_shot": r["n_shot"], "limit": limit} for r in task_rows(results)}
+    return {"tasks": scores} if scores else {}
+
+
+def _warn_unlike_settings(rows: list[dict]) -> None:
+    """Scores of one task under another shot count or sample limit are not comparable: say so."""
+    for task in {t for r in rows for t in r.get("tasks", {})}:
+        settings = {(r["tasks"][task]["n_shot"], r["tasks"][task]["limit"]) for r in rows if task in r.get("tasks", {})}
+        if len(settings) > 1:
+            log(f"warning: compare: {task} was run with different settings across runs (n-shot, limit): "
+                f"{sorted(settings, key=str)}")
 
 
 def format_table(rows: list[dict]) -> list[str]:
     columns = [c for c in COLUMNS if any(c in r for r in rows)]
-    cells = [[_cell(c, r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
-    return ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in [columns, *cells]]
+    tasks = sorted({(t, s["metric"]) for r in rows for t, s in r.get("tasks", {}).items()})
+    cells = [[_cell(c, r.get(c)) for c in columns]
+             + [score_cell(r["tasks"][t]) if (r.get("tasks") or {}).get(t, {}).get("metric") == m else "n/a"
+                for t, m in tasks] for r in rows]
+    return table(columns + [f"{t} {m}" for t, m in tasks], cells)
 
 
 FORMATS = {"alpha": "{:g}", "tokens": "{:,}", "wall_s": "{:.1f}", "train_loss": "{:.4f}", "eval_loss": "{:.4f}",

@@ -22,7 +22,7 @@ except ImportError:
 from neftune_cli import __version__
 from neftune_cli.cli.data import app as data_app
 from neftune_cli.cli.launch import EXIT_CODE_DIR, run_torchrun
-from neftune_cli.io.console import err, log, out, stdout_is_tty
+from neftune_cli.io.console import err, log, out, stdout_is_tty, table
 from neftune_cli.io.errors import (
     EXIT_RUNTIME,
     EXIT_SIGINT,
@@ -170,6 +170,13 @@ ModelArg = typer.Argument(..., help="Run dir, checkpoint dir, merged folder, hub
                           show_default=False)
 TemplateOpt = typer.Option(None, "--template", help="chat|alpaca: prompt format of a plain model (default: chat; "
                            "a run uses its own).")
+# Decoding options, shared by generate and chat
+MaxNewTokensOpt = typer.Option(512, "--max-new-tokens", min=1)
+RepetitionPenaltyOpt = typer.Option(1.2, "--repetition-penalty", min=1.0,
+                                    help="1.2 as the paper generated for AlpacaEval; 1 turns it off.")
+TemperatureOpt = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; above 0: sampling.")
+TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature).")
+SeedOpt = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Sampling seed.")
 
 
 @app.command()
@@ -179,13 +186,12 @@ def generate(
     out_file: Path = typer.Option(..., "--out", help="Output file (replaced if it exists)."),
     fmt: str = typer.Option("json", "--format", help="json: AlpacaEval model outputs; jsonl: with token counts and "
                             "finish reasons."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
+    max_new_tokens: int = MaxNewTokensOpt,
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    repetition_penalty: float = typer.Option(1.2, "--repetition-penalty", min=1.0,
-                                             help="1.2 as the paper generated for AlpacaEval; 1 turns it off."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; above 0: sampling."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    repetition_penalty: float = RepetitionPenaltyOpt,
+    temperature: float = TemperatureOpt,
+    top_p: float = TopPOpt,
+    seed: int = SeedOpt,
     generator: str = typer.Option(None, "--generator", help="Generator name in the output (default: the run's)."),
     template: str = TemplateOpt,
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N prompts."),
@@ -206,6 +212,34 @@ def generate(
                  limit=limit)
 
 
+@app.command()
+def chat(
+    model: str = ModelArg,
+    system: str = typer.Option(None, "--system", help="System message (chat templates; the Alpaca prompt's task "
+                               "description)."),
+    max_new_tokens: int = MaxNewTokensOpt,
+    repetition_penalty: float = RepetitionPenaltyOpt,
+    temperature: float = TemperatureOpt,
+    top_p: float = TopPOpt,
+    seed: int = SeedOpt,
+    template: str = TemplateOpt,
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (auto: cuda when there is one)."),
+) -> None:
+    """Talk to the model in its training prompt format: streamed, multi-turn on a terminal; one answer per line
+    from a pipe.
+
+    Example: neftune chat runs/demo    (or: echo "Add 2 and 3." | neftune chat runs/demo)
+    """
+    from neftune_cli.infer.chat import open_session, run_chat
+    from neftune_cli.infer.generate import Settings
+    from neftune_cli.infer.target import inference_device, resolve
+
+    settings = Settings(max_new_tokens=max_new_tokens, batch_size=1, repetition_penalty=repetition_penalty,
+                        temperature=temperature, top_p=top_p, seed=seed)
+    where = inference_device(device)
+    run_chat(open_session(resolve(model, _template(template)), settings, system=system, device=where))
+
+
 @app.command("eval")
 def eval_(
     model: str = ModelArg,
@@ -214,11 +248,24 @@ def eval_(
     answers: Path = typer.Option(None, "--answers", help="AlpacaEval outputs (or generate's jsonl) to measure."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="The limit the answers were "
                                        "generated with (to count cut answers when they carry no finish reason)."),
-    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Default: the run's micro_batch_size."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Default: the run's micro_batch_size "
+                                   "(--tasks on other models: 8)."),
     template: str = TemplateOpt,
+    tasks: str = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks, comma-separated, e.g. "
+                              "arc_easy,hellaswag,mmlu,truthfulqa_mc2 (needs the lm-eval extra)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="--tasks: at most N documents per task."),
+    num_fewshot: int = typer.Option(None, "--num-fewshot", min=0, help="--tasks: few-shot examples (default: "
+                                    "each task's own)."),
+    include_path: Path = typer.Option(None, "--include-path", help="--tasks: a folder of task YAMLs (the "
+                                      "harness's format) besides its own."),
+    results_file: Path = typer.Option(None, "--results", help="--tasks: where the harness's results JSON goes "
+                                      "(default: RUN/lm_eval-TASKS.json for a run; other models: not written)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="--tasks: replace a results file an earlier "
+                                   "eval --tasks wrote."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Held-out loss and perplexity (no noise, training masks); with --answers their length and diversity.
+    """Held-out loss and perplexity (no noise, training masks); with --answers their length and diversity; with
+    --tasks benchmark scores from lm-evaluation-harness.
 
     Example: neftune eval runs/demo --answers answers.json
     """
@@ -226,12 +273,32 @@ def eval_(
     from neftune_cli.infer.eval_loss import has_eval_data, heldout_loss
     from neftune_cli.infer.target import resolve
 
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else []
+    if tasks is not None and not names:
+        raise typer.BadParameter(f"--tasks {tasks!r}: no task names")
+    written = None
+    if names:  # fail on a missing extra or a results file we may not replace before loading anything
+        from neftune_cli.infer import harness
+
+        harness.require_lm_eval()
+        written = harness.results_path(model, names, results_file)
+        if written is not None:
+            harness.check_writable(written, overwrite)
     target = resolve(model, _template(template))
     result = {}
-    if data is not None or has_eval_data(target) or answers is None:
+    if data is not None or has_eval_data(target) or (answers is None and not names):
         result["loss"] = heldout_loss(target, data, batch_size)
     if answers is not None:
         result["answers"] = answer_stats(read_answers(answers), target.tokenizer(), max_new_tokens)
+    if names:
+        results = harness.run_tasks(target, model, names, limit=limit, num_fewshot=num_fewshot,
+                                    batch_size=batch_size, include_path=include_path)
+        if written is not None:
+            harness.write_results(written, results)
+            log(f"eval: wrote the harness's results to {written}")
+        else:
+            log("eval: results JSON not written (MODEL is not a run dir; --results FILE writes it)")
+        result["tasks"] = {"results_file": str(written) if written else None, "rows": harness.task_rows(results)}
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -241,6 +308,9 @@ def eval_(
                   f"examples, {loss['trained_tokens']:,} trained tokens; {loss['data']})", markup=False)
     for line in format_stats(result["answers"]) if answers is not None else []:
         out.print(line, markup=False)
+    if names:
+        for line in table(*harness.format_rows(result["tasks"]["rows"])):
+            out.print(line, markup=False)
 
 
 def _template(template: str | None) -> str | None:

@@ -150,9 +150,10 @@ def generation_config(settings: Settings, stops: Stops, pad_id: int):
     )
 
 
-def generate(model, tokenizer, prompts: list[list[int]], settings: Settings,
-             stops: Stops) -> Iterator[dict[int, Answer]]:
-    """Answer every prompt, longest first, in left-padded batches; yields {prompt index: Answer} per batch."""
+def generate(model, tokenizer, prompts: list[list[int]], settings: Settings, stops: Stops,
+             streamer=None) -> Iterator[dict[int, Answer]]:
+    """Answer every prompt, longest first, in left-padded batches; yields {prompt index: Answer} per batch.
+    streamer (one prompt at a time, as transformers streams): gets the prompt, then each new token (`chat`)."""
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
@@ -172,7 +173,8 @@ def generate(model, tokenizer, prompts: list[list[int]], settings: Settings,
             processors.append(PadAwareRepetitionPenalty(settings.repetition_penalty, pads))
         with torch.inference_mode():
             generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                       logits_processor=processors, tokenizer=tokenizer if stops.strings else None)
+                                       logits_processor=processors, tokenizer=tokenizer if stops.strings else None,
+                                       streamer=streamer)
         yield {i: finish(row[width:].tolist(), tokenizer, stops, settings.max_new_tokens)
                for i, row in zip(batch, generated, strict=True)}
 
@@ -215,7 +217,7 @@ def run_generate(target: Target, prompts_file: Path, out_file: Path, settings: S
         log(f"warning: {over} prompts plus max_new_tokens are longer than the model's {positions} positions; "
             "their answers go beyond what it was trained on")
     log(f"generate: {len(prompts)} prompts, batch {settings.batch_size}, max_new_tokens {settings.max_new_tokens}, "
-        f"{_decoding(settings)}, stops {stops.token_ids + stops.strings}, {next(model.parameters()).dtype}, {device}")
+        f"{decoding(settings)}, stops {stops.token_ids + stops.strings}, {next(model.parameters()).dtype}, {device}")
     answers: dict[int, Answer] = {}
     started = time.perf_counter()
     try:
@@ -239,7 +241,7 @@ def run_generate(target: Target, prompts_file: Path, out_file: Path, settings: S
     return summary
 
 
-def _decoding(settings: Settings) -> str:
+def decoding(settings: Settings) -> str:
     how = "greedy" if settings.temperature <= 0 else (f"sampling (temperature {settings.temperature}, "
                                                      f"top_p {settings.top_p}, seed {settings.seed})")
     return f"{how}, repetition_penalty {settings.repetition_penalty}"

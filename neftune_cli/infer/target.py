@@ -54,6 +54,17 @@ class Target:
         return model.eval()
 
 
+def inference_device(name: str = "auto") -> torch.device:
+    """--device: auto is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: expected auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (torch.cuda.is_available() is false)")
+    return torch.device(name)
+
+
 def resolve(spec: str, template: str | None = None) -> Target:
     """A run dir, a checkpoint folder, or a model (merged folder, hub id, builtin:...) as a Target."""
     path = Path(spec).expanduser()

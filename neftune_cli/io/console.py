@@ -16,6 +16,12 @@ def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
 
 
+def table(header: list[str], cells: list[list[str]]) -> list[str]:
+    """Plain aligned columns (two spaces apart), header first: what a terminal and a pipe both read."""
+    widths = [max(len(h), *(len(line[i]) for line in cells)) for i, h in enumerate(header)]
+    return ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in [header, *cells]]
+
+
 def log(message: str) -> None:
     """A plain log line on stderr (markup off, so brackets in data are printed as they are)."""
     err.print(message, markup=False)
