@@ -156,7 +156,7 @@ def test_export_refuses_an_input_of_the_recipe(cli, work, target):
     before = snapshot(work)
     code, _, err = cli("data", "export", path, work / target, "--overwrite")
     assert code == 2
-    one_error(err, target, "input of the recipe")
+    one_error(err, target, "input of this command")
     assert snapshot(work) == before
 
 

@@ -24,6 +24,7 @@ from neftune_cli.cli.data import app as data_app
 from neftune_cli.cli.launch import EXIT_CODE_DIR, run_torchrun
 from neftune_cli.io.console import err, log, out, stdout_is_tty
 from neftune_cli.io.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, first_line
+from neftune_cli.io.outputs import check_output_file
 from neftune_cli.models.loading import check_kernel
 from neftune_cli.models.quantization import require_bitsandbytes
 from neftune_cli.recipe.load import load_recipe
@@ -168,7 +169,8 @@ TemplateOpt = typer.Option(None, "--template", help="chat|alpaca: prompt format 
 def generate(
     model: str = ModelArg,
     prompts: Path = typer.Option(..., "--prompts", help=".json/.jsonl of instruction (+ input) or messages records."),
-    out_file: Path = typer.Option(..., "--out", help="Output file (replaced if it exists)."),
+    out_file: Path = typer.Option(..., "--out", help="Output file (must not exist, or --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file (never an input)."),
     fmt: str = typer.Option("json", "--format", help="json: AlpacaEval model outputs; jsonl: with token counts and "
                             "finish reasons."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
@@ -192,6 +194,8 @@ def generate(
 
     if fmt not in {"json", "jsonl"}:
         raise typer.BadParameter(f"--format {fmt}: expected json or jsonl")
+    check_output_file(out_file, overwrite=overwrite,
+                      inputs=[prompts, *([Path(model).expanduser()] if Path(model).expanduser().exists() else [])])
     settings = Settings(max_new_tokens=max_new_tokens, batch_size=batch_size, repetition_penalty=repetition_penalty,
                         temperature=temperature, top_p=top_p, seed=seed)
     run_generate(resolve(model, _template(template)), prompts, out_file, settings, fmt=fmt, generator=generator,
@@ -264,7 +268,8 @@ def compare(
 @app.command()
 def plot(
     runs: list[Path] = typer.Argument(..., help="Run directories.", show_default=False),
-    out_file: Path = typer.Option(..., "--out", help="PNG file to write."),
+    out_file: Path = typer.Option(..., "--out", help="PNG file to write (must not exist, or --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Train and eval loss curves of runs, one line per run (needs the plot extra: matplotlib).
 
@@ -272,7 +277,7 @@ def plot(
     """
     from neftune_cli.analysis.plot import plot_curves
 
-    plot_curves(runs, out_file)
+    plot_curves(runs, out_file, overwrite=overwrite)
     out.print(f"wrote {out_file}", markup=False)
 
 

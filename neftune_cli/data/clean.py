@@ -22,6 +22,7 @@ from neftune_cli.data.rouge import near_duplicates
 from neftune_cli.data.sources import EXTENSIONS, Source
 from neftune_cli.io.atomic import TMP_PREFIX, atomic_file
 from neftune_cli.io.errors import DataError, UsageError
+from neftune_cli.io.outputs import check_output_file
 from neftune_cli.recipe.schema import SourceSection
 
 EXAMPLES = 5  # examples per filter in the report
@@ -101,7 +102,9 @@ def plan_recipe(specs: list[SourceSection], out_dir: Path | None, *, overwrite: 
 
 
 def check_report_path(report: Path, units: list[Unit], *, overwrite: bool) -> None:
-    _refuse(report, [Path(u.spec.path) for u in units], "--report", overwrite)
+    """Neither an input nor one of the cleaned files (a report over the cleaned data would replace it)."""
+    outs = [u.out for u in units if u.out is not None]
+    check_output_file(report, overwrite=overwrite, inputs=[Path(u.spec.path) for u in units] + outs, flag="--report")
 
 
 def _checked(units: list[Unit], inputs: list[Path], overwrite: bool) -> list[Unit]:
@@ -110,21 +113,11 @@ def _checked(units: list[Unit], inputs: list[Path], overwrite: bool) -> list[Uni
             continue
         if unit.out.suffix.lower() not in EXTENSIONS:
             raise UsageError(f"--out {unit.out}: unsupported file type; expected one of {', '.join(EXTENSIONS)}")
-        _refuse(unit.out, inputs, "--out", overwrite)
+        check_output_file(unit.out, overwrite=overwrite, inputs=inputs)
     outs = [u.out.resolve() for u in units if u.out is not None]
     if len(set(outs)) < len(outs):
         raise UsageError("--out: two inputs would be written to the same file")
     return units
-
-
-def _refuse(target: Path, inputs: list[Path], option: str, overwrite: bool) -> None:
-    for path in inputs:
-        if target.resolve() == path.resolve() or (target.exists() and os.path.samefile(target, path)):
-            raise UsageError(f"{option} {target} is an input file; write the cleaned data to a new file")
-    if target.is_dir():
-        raise UsageError(f"{option} {target} is a folder; expected a file")
-    if target.exists() and not overwrite:
-        raise UsageError(f"{option} {target} exists; pass --overwrite to replace it")
 
 
 def clean(units: list[Unit], rules: Rules, *, rouge_l: float, skip_bad: bool,

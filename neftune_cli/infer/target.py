@@ -19,7 +19,7 @@ import yaml
 from neftune_cli.data.templates import alpaca_jinja
 from neftune_cli.io.errors import UsageError, first_line
 from neftune_cli.models.loading import load_base_model, load_tokenizer
-from neftune_cli.recipe.load import validate
+from neftune_cli.recipe.load import saved_recipe, validate
 from neftune_cli.recipe.schema import DataSection, ModelSection, Recipe
 from neftune_cli.train.checkpoint import META_FILE, RunDir
 
@@ -98,7 +98,7 @@ def _run_target(path: Path) -> Target:
 
 def _recipe(raw, where: Path) -> Recipe:
     try:
-        return validate(raw, str(where))
+        return validate(saved_recipe(raw), str(where))
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged file: one line naming it

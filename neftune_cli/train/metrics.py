@@ -9,6 +9,7 @@ from pathlib import Path
 
 from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.errors import DataError, UsageError
+from neftune_cli.io.jsonl import json_lines
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -38,9 +39,9 @@ class MetricsLog:
     def __init__(self, run_root: Path, report_to: list[str], start_step: int = 0):
         path = run_root / METRICS_FILE
         if start_step and path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = [line for _, line in json_lines(path.read_text(encoding="utf-8"))]
             with atomic_file(path) as f:
-                f.write("".join(line + "\n" for line in lines if line and json.loads(line)["step"] <= start_step))
+                f.write("".join(line + "\n" for line in lines if json.loads(line)["step"] <= start_step))
         self._tensorboard = None
         if "tensorboard" in report_to:
             purge = start_step + 1 if start_step else None
@@ -68,12 +69,11 @@ def read_metrics(run: Path) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"{run}: no metrics.jsonl (not a training run?)")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path}: line {n}: invalid JSON") from None
+    for n, line in json_lines(path.read_text(encoding="utf-8")):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: line {n}: invalid JSON") from None
     return records
 
 
