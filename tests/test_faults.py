@@ -448,3 +448,195 @@ def test_resume_of_a_run_saved_before_a_recipe_key_existed(cli, work):
     assert code == 0, err
     assert "pack_tokens" not in err  # only the real change is named
     assert "train.max_steps: 2 -> 3" in err
+
+
+# --- issue 21: one output policy for every command that writes (io/outputs.py) ------------------------------
+
+
+def prompts(folder: Path, text: str = "Count the items: a, b") -> Path:
+    path = folder / "prompts.jsonl"
+    path.write_text(json.dumps({"instruction": text}, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+GENERATE = ("--max-new-tokens", "3", "--limit", "1")
+
+
+def test_generate_never_writes_onto_an_input_a_run_or_an_existing_file(cli, work):
+    assert cli("train", recipe(work), "--set", "train.max_steps=1")[0] == 0
+    asked = prompts(work)
+    (work / "answers.json").write_text("my answers")
+    before = snapshot(work)
+    cases = [(asked, "input of this command"), (work / "run" / "final" / "adapter_model.safetensors", "inside"),
+             (work / "run" / "answers.json", "inside"), (work / "answers.json", "--overwrite")]
+    for target, culprit in cases:
+        code, _, err = cli("generate", work / "run", "--prompts", asked, "--out", target, *GENERATE)
+        assert code == 2, err
+        one_error(err, str(target), culprit)
+    for target in cases[:3]:  # --overwrite replaces only a file outside our folders that is no input
+        code, _, err = cli("generate", work / "run", "--prompts", asked, "--out", target[0], "--overwrite", *GENERATE)
+        assert code == 2, err
+    assert snapshot(work) == before
+    code, _, err = cli("generate", work / "run", "--prompts", asked, "--out", work / "answers.json", "--overwrite",
+                       *GENERATE)
+    assert code == 0, err
+    assert json.loads((work / "answers.json").read_text())[0]["instruction"] == "Count the items: a, b"
+
+
+def test_plot_refuses_an_existing_png_without_overwrite(cli, work):
+    assert cli("train", recipe(work), "--set", "train.max_steps=1")[0] == 0
+    png = work / "mine.png"
+    png.write_bytes(b"my picture")
+    code, _, err = cli("plot", work / "run", "--out", png)
+    assert code == 2 and png.read_bytes() == b"my picture"
+    one_error(err, str(png), "--overwrite")
+    code, _, err = cli("plot", work / "run", "--out", work / "run" / "curves.png")
+    assert code == 2 and not (work / "run" / "curves.png").exists()
+    one_error(err, "inside")
+    assert cli("plot", work / "run", "--out", png, "--overwrite")[0] == 0
+    assert png.read_bytes().startswith(b"\x89PNG")
+    no_debris(work)
+
+
+def test_merge_out_inside_a_run_or_over_a_users_folder_is_refused(cli, work):
+    assert cli("train", recipe(work), "--set", "train.max_steps=1")[0] == 0
+    before = snapshot(work)
+    for out in (work / "run" / "final" / "merged", work / "run" / "merged"):
+        code, _, err = cli("merge", work / "run", "--out", out, "--no-verify")
+        assert code == 2, err
+        one_error(err, str(out), "inside")
+    mine = work / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "config.json").write_text("{}")  # another model's config
+    before = snapshot(work)
+    code, _, err = cli("merge", work / "run", "--out", mine, "--no-verify", "--overwrite")
+    assert code == 2
+    one_error(err, str(mine), "neftune did not write", "--overwrite")
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("where", ["final", "checkpoints/step-2"])
+def test_overwrite_and_resume_refuse_a_users_file_below_the_top(cli, work, where):
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=2")[0] == 0
+    (work / "run" / where / "notes.txt").write_text("keep me")
+    before = snapshot(work / "run")
+    for flags in (["--overwrite"], ["--resume", "--force"]):
+        code, _, err = cli("train", path, "--set", "train.max_steps=3", *flags)
+        assert code == 2, err
+        one_error(err, f"{where}/notes.txt")
+    before.pop(".lock")
+    after = snapshot(work / "run")
+    after.pop(".lock")
+    assert after == before
+
+
+def test_overwrite_of_a_run_whose_checkpoints_is_a_symlink_deletes_nothing(cli, work):
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=1")[0] == 0
+    elsewhere = work / "elsewhere"
+    (work / "run" / "checkpoints").rename(elsewhere)
+    (work / "run" / "checkpoints").symlink_to(elsewhere)
+    before = snapshot(work)
+    code, _, err = cli("train", path, "--overwrite")
+    assert code == 2
+    one_error(err, "checkpoints")
+    assert snapshot(work) == before and (work / "run" / "checkpoints").is_symlink()
+
+
+def test_a_merged_model_moved_into_final_is_not_deleted_by_overwrite(cli, work):
+    """Merging into a run is refused; a merged model put there by hand is ours but not this run's: train
+    --overwrite refuses, naming it, rather than delete it."""
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=1")[0] == 0
+    assert cli("merge", work / "run", "--out", work / "merged", "--no-verify")[0] == 0
+    (work / "merged").rename(work / "run" / "final" / "merged")
+    before = snapshot(work / "run")
+    code, _, err = cli("train", path, "--overwrite")
+    assert code == 2
+    one_error(err, "final/merged")
+    assert snapshot(work / "run").keys() == before.keys()
+
+
+def test_resume_with_nothing_to_resume_creates_no_run_dir(cli, work):
+    code, _, err = cli("train", recipe(work), "--resume")
+    assert code == 2
+    one_error(err, "--resume", str(work / "run"))
+    assert not (work / "run").exists()
+
+
+def test_foreign_entries_at_every_depth(tmp_path):
+    from neftune_cli.io.atomic import atomic_dir
+    from neftune_cli.io.outputs import foreign_entries
+
+    with atomic_dir(tmp_path / "m") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.bin").write_bytes(b"a")
+        (tmp / "b.json").write_text("{}")
+    assert foreign_entries(tmp_path / "m") == []
+    (tmp_path / "m" / "sub" / "user.txt").write_text("u")
+    (tmp_path / "m" / "new").mkdir()
+    (tmp_path / "m" / "link").symlink_to(tmp_path)
+    assert foreign_entries(tmp_path / "m") == ["link", "new", "sub/user.txt"]
+    with pytest.raises(Exception, match="link.*neftune did not write"):
+        with atomic_dir(tmp_path / "m"):
+            pass
+    assert (tmp_path / "m" / "sub" / "user.txt").exists()
+
+
+# --- issue 21: runs the tool made are accepted by the tool ---------------------------------------------------
+
+
+def test_generate_and_eval_of_a_full_fine_tuning_run_and_its_checkpoint(cli, work):
+    path = recipe(work, text=RECIPE.replace("lora: {r: 4, alpha: 8}", "finetune: full"))
+    assert cli("train", path, "--set", "train.max_steps=1")[0] == 0
+    assert "lora" not in __import__("yaml").safe_load((work / "run" / "recipe.yaml").read_text())
+    for model in (work / "run", work / "run" / "checkpoints" / "step-1"):
+        code, _, err = cli("generate", model, "--prompts", prompts(work), "--out", work / "a.json", "--overwrite",
+                           *GENERATE)
+        assert code == 0, err
+        code, _, err = cli("eval", model, "--data", work / "train.jsonl")
+        assert code == 0, err
+    # a run recorded before the lora section was dropped: read back as it ran
+    saved = __import__("yaml").safe_load((work / "run" / "recipe.yaml").read_text())
+    saved["lora"] = {"r": 16}
+    (work / "run" / "recipe.yaml").write_text(__import__("yaml").safe_dump(saved))
+    code, _, err = cli("eval", work / "run", "--data", work / "train.jsonl")
+    assert code == 0, err
+
+
+def test_a_line_separator_in_a_record_round_trips_through_clean_generate_and_eval(cli, work):
+    text = "Count the items:\u2028a, b\u2029c\x85"
+    source = work / "in.jsonl"
+    source.write_text(json.dumps({"instruction": text, "input": "", "output": "three items"}, ensure_ascii=False)
+                      + "\n", encoding="utf-8")
+    code, _, err = cli("data", "clean", source, "--out", work / "clean.jsonl", "--min-words", "1")
+    assert code == 0, err
+    assert "\u2028" in (work / "clean.jsonl").read_text(encoding="utf-8")  # written raw, one line
+    assert cli("train", recipe(work), "--set", "train.max_steps=1")[0] == 0
+    code, _, err = cli("generate", work / "run", "--prompts", work / "clean.jsonl", "--out", work / "a.jsonl",
+                       "--format", "jsonl", *GENERATE)
+    assert code == 0, err
+    assert json.loads((work / "a.jsonl").read_text(encoding="utf-8").split("\n")[0])["instruction"] == text
+    answers = work / "answers.jsonl"
+    answers.write_text(json.dumps({"instruction": "x", "output": text}, ensure_ascii=False) + "\n", encoding="utf-8")
+    code, _, err = cli("eval", work / "run", "--answers", answers)
+    assert code == 0, err
+
+
+def test_resume_after_moving_the_project_folder(cli, work, tmp_path_factory):
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=2")[0] == 0
+    import shutil
+
+    moved = tmp_path_factory.mktemp("moved") / "project"
+    shutil.move(work, moved)
+    shutil.rmtree(moved / "run" / "final")  # as if stopped before the end
+    code, _, err = cli("train", recipe(moved), "--set", "train.max_steps=2", "--resume")
+    assert code == 0, err
+    assert (moved / "run" / "final" / "adapter_model.safetensors").is_file()
+    (moved / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(24, seed=4)))
+    shutil.rmtree(moved / "run" / "final")
+    code, _, err = cli("train", recipe(moved), "--set", "train.max_steps=2", "--resume")
+    assert code == 2 and "the data changed" in one_error(err)

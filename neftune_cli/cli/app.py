@@ -23,7 +23,7 @@ from neftune_cli import __version__
 from neftune_cli.cli.data import app as data_app
 from neftune_cli.cli.launch import EXIT_CODE_DIR, run_torchrun
 from neftune_cli.io.console import err, log, out, stdout_is_tty
-from neftune_cli.io.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, first_line
+from neftune_cli.io.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, UsageError, first_line
 from neftune_cli.io.outputs import check_output_file
 from neftune_cli.models.loading import check_kernel
 from neftune_cli.models.quantization import require_bitsandbytes
@@ -125,6 +125,9 @@ def train(
     if nproc is not None and "WORLD_SIZE" not in os.environ:
         run_torchrun(nproc)
     loaded = load_recipe(recipe, set_)
+    if resume and not Path(loaded.recipe.output.dir).is_dir():  # and leave no empty run dir behind
+        raise UsageError(f"--resume: output.dir {loaded.recipe.output.dir} does not exist, so there is nothing to "
+                         "resume; drop --resume to start the run")
     if loaded.recipe.model.quantization:  # before the data step, not after it
         require_bitsandbytes(f"model.quantization: {loaded.recipe.model.quantization}")
     again = ["neftune", "train", str(recipe), *[f"--set {shlex.quote(s)}" for s in set_ or []], "--resume"]

@@ -149,6 +149,7 @@ def resolve_paths(recipe: Recipe, base_dir: Path, where: str | None = None) -> R
     extension) is left for the hub; anything else is a missing file and an error now, not after model loading.
     """
     recipe = recipe.model_copy(deep=True)
+    recipe.output.dir = str(Path(recipe.output.dir).expanduser())  # as data paths are: never a folder named ~
     problems = []
     model_path = recipe.model.name_or_path
     if not model_path.startswith(BUILTIN_PREFIX):
