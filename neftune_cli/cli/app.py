@@ -182,7 +182,7 @@ def generate(
                                              help="1.2 as the paper generated for AlpacaEval; 1 turns it off."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; above 0: sampling."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Sampling seed."),
     generator: str = typer.Option(None, "--generator", help="Generator name in the output (default: the run's)."),
     template: str = TemplateOpt,
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N prompts."),

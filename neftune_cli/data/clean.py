@@ -19,7 +19,7 @@ from typing import Any
 from neftune_cli.data.filters import FILTERS, Rules, View
 from neftune_cli.data.formats import BadRecord, EmptyText, Fields, OneSided, detect, parse
 from neftune_cli.data.rouge import near_duplicates
-from neftune_cli.data.sources import EXTENSIONS, Source
+from neftune_cli.data.sources import EXTENSIONS, Source, looks_like_path
 from neftune_cli.io.atomic import TMP_PREFIX, atomic_file
 from neftune_cli.io.errors import DataError, UsageError
 from neftune_cli.io.outputs import check_output_file
@@ -67,6 +67,8 @@ def plan_path(path: str, out: Path | None, *, fmt: str, fields: dict[str, str] |
     """IN is a file (OUT a file), a folder (OUT a folder, same layout) or a hub dataset (OUT a file)."""
     spec = SourceSection(path=path, format=fmt, fields=fields)
     source = Source(spec)
+    if not source.local and looks_like_path(path):
+        raise UsageError(f"{path}: file not found")
     if not source.local:
         return _checked([Unit(spec, 0, out)], [], overwrite)
     root = Path(path)

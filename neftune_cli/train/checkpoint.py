@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,7 +222,28 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         weights.update(read(name, load_file))
     state = read(STATE_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True))
     meta = read(META_FILE, lambda p: json.loads(p.read_text()))
+    if problem := _state_problem(state, weights):
+        raise CorruptCheckpoint(f"{folder / STATE_FILE}: {problem}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("recipe"), dict) or "step" not in meta:
+        raise CorruptCheckpoint(f"{folder / META_FILE}: not the meta.json of a checkpoint")
     return Checkpoint(folder, weights, state, meta)
+
+
+def _state_problem(state, weights: dict[str, torch.Tensor]) -> str | None:
+    """What makes a trainer state unusable for these weights (damaged, or another run's), before the model is
+    built: the optimizer's moments must be shaped like weights of this checkpoint."""
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "step"} <= set(state):
+        return "not a trainer state (optimizer, scheduler, rng, step)"
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
+            or not isinstance(optimizer.get("param_groups"), list):
+        return "the optimizer state is damaged"
+    shapes = Counter(tuple(w.shape) for w in weights.values())
+    moments = Counter(tuple(m["exp_avg"].shape) for m in optimizer["state"].values()
+                      if isinstance(m, dict) and isinstance(m.get("exp_avg"), torch.Tensor))
+    if moments - shapes:
+        return "the optimizer state does not fit this checkpoint's weights (from another run?)"
+    return None
 
 
 def latest_intact_checkpoint(run: RunDir) -> Checkpoint:

@@ -69,12 +69,30 @@ def read_metrics(run: Path) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"{run}: no metrics.jsonl (not a training run?)")
     records = []
-    for n, line in json_lines(path.read_text(encoding="utf-8")):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file") from None
+    for n, line in json_lines(text):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             raise DataError(f"{path}: line {n}: invalid JSON") from None
+        if not isinstance(record, dict) or not _is_number(record.get("step")):
+            raise DataError(f"{path}: line {n}: expected an object with a \"step\" number")
+        for key, value in record.items():
+            if key in _NUMBERS and value is not None and not _is_number(value):
+                raise DataError(f"{path}: line {n}: {key}: expected a number, got {json.dumps(value)[:40]}")
+        records.append(record)
     return records
+
+
+_NUMBERS = {"step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens", "trained_tokens", "tokens_per_s",
+            "noise_norm", "elapsed_s"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def log_line(record: dict) -> str:
