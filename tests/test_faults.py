@@ -640,3 +640,160 @@ def test_resume_after_moving_the_project_folder(cli, work, tmp_path_factory):
     shutil.rmtree(moved / "run" / "final")
     code, _, err = cli("train", recipe(moved), "--set", "train.max_steps=2", "--resume")
     assert code == 2 and "the data changed" in one_error(err)
+
+
+# --- issue 21: exit 2 with one line where the user must change something ------------------------------------
+
+
+def test_a_target_under_a_file_is_exit_2_for_every_command_that_writes(cli, work):
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=1")[0] == 0
+    (work / "afile").write_text("x")
+    under = work / "afile"
+    commands = [
+        ("generate", work / "run", "--prompts", prompts(work), "--out", under / "a.json", *GENERATE),
+        ("plot", work / "run", "--out", under / "c.png"),
+        ("data", "export", path, under / "t.jsonl"),
+        ("data", "clean", work / "train.jsonl", "--out", under / "c.jsonl"),
+        ("data", "clean", work / "train.jsonl", "--dry-run", "--report", under / "r.json"),
+        ("merge", work / "run", "--out", under / "m", "--no-verify"),
+    ]
+    for command in commands:
+        code, _, err = cli(*command)
+        assert code == 2, (command, err)
+        one_error(err, str(under))
+    assert (work / "afile").read_text() == "x"
+
+
+def test_a_read_only_target_is_exit_2(cli, work, monkeypatch):
+    path = recipe(work)
+    real = Path.open
+
+    def read_only(self, mode="r", *args, **kwargs):
+        if "w" in mode and self.name.startswith(".tmp-"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", read_only)
+    code, _, err = cli("data", "export", path, work / "t.jsonl")
+    assert code == 2
+    one_error(err, "t.jsonl", "Read-only file system")
+
+
+def model_copy(tiny_model_dir: Path, to: Path, keep_weights: bool) -> Path:
+    import shutil
+
+    shutil.copytree(tiny_model_dir, to, ignore=None if keep_weights else shutil.ignore_patterns("*.safetensors"))
+    (to / ".neftune-manifest.json").unlink(missing_ok=True)
+    return to
+
+
+@pytest.mark.parametrize("damage", ["no weights", "truncated"])
+def test_a_model_folder_without_whole_weights_is_exit_2(cli, work, tiny_model_dir, damage):
+    model = model_copy(tiny_model_dir, work / "model", keep_weights=damage == "truncated")
+    if damage == "truncated":
+        shard = next(model.glob("*.safetensors"))
+        shard.write_bytes(shard.read_bytes()[:1000])
+    code, _, err = cli("train", recipe(work), "--set", f"model.name_or_path={model}")
+    assert code == 2, err
+    one_error(err, str(model))
+    code, _, err = cli("generate", model, "--prompts", prompts(work), "--out", work / "a.json", *GENERATE)
+    assert code == 2, err
+    one_error(err, str(model))
+
+
+def test_a_checkpoint_whose_weights_are_missing_is_exit_2(cli, work):
+    assert cli("train", recipe(work), "--set", "train.max_steps=2",
+               "--set", "train.keep_last=2")[0] == 0
+    step1, step2 = (work / "run" / "checkpoints" / f"step-{n}" for n in (1, 2))
+    (step1 / "adapter_model.safetensors").unlink()
+    (step2 / "adapter_model.safetensors").unlink()
+    (step2 / "adapter_config.json").unlink()
+    for folder, culprit in ((step1, "cannot load the adapter"), (step2, "holds neither an adapter")):
+        code, _, err = cli("generate", folder, "--prompts", prompts(work), "--out", work / "a.json", *GENERATE)
+        assert code == 2, err
+        one_error(err, str(folder), culprit)
+
+
+@pytest.mark.parametrize(("file", "content"), [("metrics.jsonl", "[1, 2]\n"), ("metrics.jsonl", '{"loss": 1}\n'),
+                                              ("metrics.jsonl", '{"step": 1, "loss": "high"}\n'),
+                                              ("recipe.yaml", "neftune: [a\n"), ("recipe.yaml", "- a list\n")])
+def test_compare_and_plot_of_a_damaged_run_are_exit_2(cli, work, file, content):
+    assert cli("train", recipe(work), "--set", "train.max_steps=1")[0] == 0
+    (work / "run" / file).write_text(content)
+    for command in (("compare", work / "run"), ("plot", work / "run", "--out", work / "c.png")):
+        code, _, err = cli(*command)
+        if file == "recipe.yaml" and command[0] == "plot":
+            assert code == 0, err  # plot reads only the metrics
+            continue
+        assert code == 2, (command, err)
+        one_error(err, file)
+
+
+@pytest.mark.parametrize(("sets", "culprit"), [
+    (["train=5", "train.lr=1"], "--set train.lr: train is 5, not a section"),
+    (["train.adam_betas=[0.9, 1.5]"], "adam_betas"),
+    (["train.seed=18446744073709551616"], "train.seed"),
+    (["lora.target_modules=[" + ", ".join(f"&{k} [{', '.join([f'*{k - 1}' if k else 'x'] * 10)}]"
+                                          for k in range(9)) + "]"], "more than 100,000 values"),  # 10^9 strings
+])
+def test_bad_set_values_are_exit_2(cli, work, sets, culprit):
+    code, _, err = cli("validate", recipe(work), *[a for s in sets for a in ("--set", s)])
+    assert code == 2
+    one_error(err, culprit)
+
+
+def test_modules_to_save_naming_no_module_is_exit_2(cli, work):
+    code, _, err = cli("train", recipe(work), "--set", "lora.modules_to_save=[lm_haed]")
+    assert code == 2
+    one_error(err, "lora.modules_to_save", "lm_haed")
+    assert cli("train", recipe(work), "--set", "lora.modules_to_save=[lm_head]", "--set", "train.max_steps=1")[0] == 0
+
+
+@pytest.mark.parametrize("damage", ["not a state", "another run"])
+def test_resume_falls_back_from_a_damaged_or_foreign_optimizer_state(cli, work, damage):
+    path = recipe(work, text=RECIPE.replace("keep_last: 1", "keep_last: 3"))
+    assert cli("train", path, "--set", "train.max_steps=3")[0] == 0
+    state_file = work / "run" / "checkpoints" / "step-3" / "trainer_state.pt"
+    if damage == "not a state":
+        torch.save({"optimizer": [1, 2]}, state_file)
+    else:
+        other = recipe(work, out=work / "other", name="o.yaml")
+        assert cli("train", other, "--set", "train.max_steps=1", "--set", "lora.r=8")[0] == 0
+        state_file.write_bytes((work / "other" / "checkpoints" / "step-1" / "trainer_state.pt").read_bytes())
+    code, _, err = cli("train", path, "--set", "train.max_steps=3", "--resume")
+    assert code == 0, err
+    assert "step-3/trainer_state.pt" in err and "trying the checkpoint before it" in err and "step-2" in err
+
+
+def test_data_clean_names_a_missing_file_a_missing_column_and_a_ragged_csv_row(cli, work):
+    code, _, err = cli("data", "clean", work / "nope.jsonl", "--out", work / "o.jsonl")
+    assert code == 2
+    assert "hub" not in one_error(err, "nope.jsonl", "file not found")
+    code, _, err = cli("data", "clean", work / "train.jsonl", "--dry-run", "--field", "instruction=question")
+    assert code == 2
+    one_error(err, "no column 'question'", "instruction=question")
+    (work / "r.csv").write_text("instruction,output\nSay hello to the whole team,hi,extra\n")
+    code, _, err = cli("data", "clean", work / "r.csv", "--out", work / "o.csv")
+    assert code == 2 and not (work / "o.csv").exists()
+    one_error(err, "r.csv", "line 2", "3 fields where the header has 2")
+
+
+def test_report_equal_to_out_is_refused(cli, work):
+    code, _, err = cli("data", "clean", work / "train.jsonl", "--out", work / "o.jsonl", "--report", work / "o.jsonl")
+    assert code == 2 and not (work / "o.jsonl").exists()
+    one_error(err, "--report", "o.jsonl")
+
+
+def test_output_dir_expands_the_home_folder(cli, work, monkeypatch):
+    monkeypatch.setenv("HOME", str(work))
+    code, out, err = cli("validate", recipe(work, out="~/runs/x"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["recipe"]["output"]["dir"] == str(work / "runs" / "x")
+
+
+def test_max_new_tokens_past_the_models_positions_is_refused(cli, work, tiny_model_dir):
+    code, _, err = cli("generate", tiny_model_dir, "--prompts", prompts(work), "--out", work / "a.json",
+                       "--max-new-tokens", "1000000000")
+    assert code == 2 and not (work / "a.json").exists()
+    one_error(err, "--max-new-tokens", "positions")

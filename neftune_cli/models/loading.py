@@ -128,12 +128,14 @@ def load_base_model(spec: ModelSection, device: torch.device):
 @contextmanager
 def named_weights_errors(path: str, what: str = "model.name_or_path: cannot load the weights in") -> Iterator[None]:
     """A local model folder without its weights, or with a truncated shard, is the user's to fix (exit 2), named.
-    A hub id's OSError (the network, the hub) is left as it is."""
+    A hub id's OSError (the network, the hub) is left as it is. HFValidationError: a file the folder lacks made
+    the loader try the path as a hub id."""
+    from huggingface_hub.errors import HFValidationError
     from safetensors import SafetensorError
 
     try:
         yield
-    except (OSError, SafetensorError) as e:
+    except (OSError, SafetensorError, HFValidationError) as e:
         if not Path(path).is_dir():
             raise
         raise UsageError(f"{what} {path} ({first_line(e)})") from None
