@@ -236,9 +236,9 @@ def test_resume_of_a_finished_run_is_a_no_op(cli, work):
 # --- 5. and 9. a second train on the same run dir; kill -9 in the middle of a checkpoint --------------------
 
 
-def start_paused(path: Path, pause_at: str, ready: Path, *extra: str) -> subprocess.Popen:
+def start_paused(path: Path, pause_at: str, ready: Path, *extra: str, command: str = "train") -> subprocess.Popen:
     env = {**os.environ, "NEFTUNE_TEST_PAUSE_AT": pause_at, "NEFTUNE_TEST_PAUSE_FILE": str(ready)}
-    cmd = [sys.executable, "-m", "neftune_cli", "train", str(path), *extra]
+    cmd = [sys.executable, "-m", "neftune_cli", *command.split(), str(path), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not ready.exists():
@@ -797,3 +797,15 @@ def test_max_new_tokens_past_the_models_positions_is_refused(cli, work, tiny_mod
                        "--max-new-tokens", "1000000000")
     assert code == 2 and not (work / "a.json").exists()
     one_error(err, "--max-new-tokens", "positions")
+
+
+def test_sigterm_during_the_data_cache_write_leaves_nothing_the_next_run_keeps(cli, work, neftune_cache):
+    path = recipe(work)
+    (work / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(24, seed=11)))  # a new cache entry
+    proc = start_paused(path, "cache-write", work / "ready", command="data stats")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert list((neftune_cache / "data").glob(".tmp-*")), "the kill should leave the temporary entry"
+    code, _, err = cli("data", "stats", path)
+    assert code == 0, err
+    assert not list((neftune_cache / "data").glob(".tmp-*"))

@@ -7,8 +7,10 @@ builtin model and the tokenized-data cache.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -21,6 +23,7 @@ from neftune_cli.io.errors import RuntimeFailure, UsageError
 from neftune_cli.io.outputs import foreign_entries, write_manifest
 
 TMP_PREFIX = ".tmp-"
+OWNER_FILE = ".neftune-owner"  # in a temporary folder while it is written: the process writing it
 STALE_S = 3600  # temporary folders older than this are leftovers of a crash
 
 
@@ -40,9 +43,11 @@ def atomic_dir(target: Path, *, is_complete: Callable[[Path], bool] | None = Non
     with _named_write_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+        claim(tmp)
     try:
         with _named_write_errors(target, tmp):
             yield tmp
+            (tmp / OWNER_FILE).unlink(missing_ok=True)
             write_manifest(tmp)
         if is_complete is not None and is_complete(target):
             return
@@ -70,14 +75,45 @@ def _check_ours(target: Path) -> None:
 
 
 def clean_stale(parent: Path) -> None:
-    """Remove temporary folders that crashed runs left in `parent`."""
+    """Remove temporary folders that killed processes left in `parent` (kill -9, a SIGTERM outside training):
+    those whose owner is dead at once, those without a readable owner when older than STALE_S. Another process's
+    write in progress is left alone."""
     now = time.time()
     for p in parent.glob(f"{TMP_PREFIX}*"):
         try:
-            if now - p.stat().st_mtime > STALE_S:
-                shutil.rmtree(p, ignore_errors=True)
+            alive = owner_alive(p) if p.is_dir() and not p.is_symlink() else None
+            if alive is False or (alive is None and now - p.stat().st_mtime > STALE_S):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
         except OSError:
             pass
+
+
+def claim(folder: Path, name: str = OWNER_FILE) -> None:
+    """Mark `folder` as this process's work in progress: {"pid", "host"} (see owner_alive)."""
+    (folder / name).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+
+
+def owner_alive(folder: Path, name: str = OWNER_FILE) -> bool | None:
+    """Whether the process that claimed `folder` still runs; None when that cannot be told (no owner file, or
+    another host)."""
+    try:
+        info = json.loads((folder / name).read_text())
+        pid, host = int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname() or pid <= 0:
+        return None
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, run by another user
+        return True
+    except OSError:
+        return None
+    return True
 
 
 @contextmanager

@@ -9,7 +9,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import TYPE_CHECKING
 
 from neftune_cli.io import faults
 from neftune_cli.io import safetensors_io as st
-from neftune_cli.io.atomic import STALE_S, TMP_PREFIX
+from neftune_cli.io.atomic import STALE_S, TMP_PREFIX, owner_alive
+from neftune_cli.io.atomic import claim as atomic_claim
 from neftune_cli.io.errors import RuntimeFailure, UsageError
 from neftune_cli.io.outputs import check_output_dir
 from neftune_cli.merge.common import (
@@ -82,7 +82,7 @@ def remove_stale_temps(out: Path, log: Callable[[str], None]) -> None:
 
 def claim(tmp: Path) -> None:
     """Mark ``tmp`` as this process's work in progress (see remove_stale_temps)."""
-    (tmp / _OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+    atomic_claim(tmp, _OWNER_FILE)
 
 
 def release(tmp: Path) -> None:
@@ -91,24 +91,7 @@ def release(tmp: Path) -> None:
 
 def _owner_alive(tmp: Path) -> bool | None:
     """Whether the process that owns ``tmp`` is still running; None when that cannot be told."""
-    try:
-        info = json.loads((tmp / _OWNER_FILE).read_text())
-        pid, host = int(info["pid"]), str(info["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if host != socket.gethostname() or pid <= 0:
-        return None
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, run by another user
-        return True
-    except OSError:
-        return None
-    return True
+    return owner_alive(tmp, _OWNER_FILE)
 
 
 def _write_failure(e: OSError, path: Path | str) -> RuntimeFailure:
