@@ -809,3 +809,49 @@ def test_sigterm_during_the_data_cache_write_leaves_nothing_the_next_run_keeps(c
     code, _, err = cli("data", "stats", path)
     assert code == 0, err
     assert not list((neftune_cache / "data").glob(".tmp-*"))
+
+
+def test_nproc_with_a_grad_accum_it_does_not_divide_is_refused_before_torchrun(cli, work, monkeypatch):
+    import neftune_cli.cli.app as app
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(app, "run_torchrun", lambda n: pytest.fail("torchrun was started"))
+    code, _, err = cli("train", recipe(work), "--nproc", "2", "--set", "train.grad_accum=3")
+    assert code == 2
+    one_error(err, "train.grad_accum 3", "2 processes")
+    assert not (work / "run").exists()
+
+
+# --- issue 21: shell logs -------------------------------------------------------------------------------------
+
+
+def neftune(*args: str, close_stdout: bool = False) -> tuple[int, str]:
+    """The command in a child process, as a shell runs it (stderr a pipe, not a terminal): (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "neftune_cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={k: v for k, v in os.environ.items()
+                                                                    if k != "NEFTUNE_DEBUG"})
+    if close_stdout:  # the reader went away, as `| head -1` does once it has its line
+        proc.stdout.close()
+        err = proc.stderr.read()
+        return proc.wait(timeout=300), err
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def test_stdout_piped_to_a_reader_that_stops_ends_quietly(work):
+    code, err = neftune("data", "preview", recipe(work), "-n", "20", close_stdout=True)
+    assert code == 141, err  # what the shell reports for `cat big | head -1`'s cat
+    assert "Traceback" not in err and "Broken" not in err and "error" not in err, err
+
+
+def test_a_scripted_log_holds_no_progress_bars_and_no_library_notes(work, tiny_model_dir):
+    import transformers
+
+    command = ("generate", tiny_model_dir, "--prompts", prompts(work), "--out", work / "a.json", *GENERATE)
+    code, err = neftune(*command)
+    assert code == 0, err
+    assert "\r" not in err and "Loading weights" not in err and "gemm_4bit" not in err, err
+    assert err.startswith("generate:"), err  # our lines only
+    if int(transformers.__version__.split(".")[0]) >= 5:  # transformers 4 has no "Loading weights" bar
+        code, err = neftune("--debug", *command, "--overwrite")
+        assert code == 0 and "Loading weights" in err, err

@@ -22,8 +22,17 @@ except ImportError:
 from neftune_cli import __version__
 from neftune_cli.cli.data import app as data_app
 from neftune_cli.cli.launch import EXIT_CODE_DIR, run_torchrun
-from neftune_cli.io.console import err, log, out, stdout_is_tty
-from neftune_cli.io.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, OOM_HINT, NeftuneError, UsageError, first_line
+from neftune_cli.io.console import err, log, out, quiet_libraries, stdout_is_tty
+from neftune_cli.io.errors import (
+    EXIT_RUNTIME,
+    EXIT_SIGINT,
+    EXIT_SIGPIPE,
+    EXIT_USAGE,
+    OOM_HINT,
+    NeftuneError,
+    UsageError,
+    first_line,
+)
 from neftune_cli.io.outputs import check_output_file
 from neftune_cli.models.loading import check_kernel
 from neftune_cli.models.quantization import require_bitsandbytes
@@ -122,14 +131,19 @@ def train(
 
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other")
-    if nproc is not None and "WORLD_SIZE" not in os.environ:
-        run_torchrun(nproc)
+    # everything that can be checked before torchrun starts N processes (each would print the same error, and
+    # torchrun its traceback after them)
     loaded = load_recipe(recipe, set_)
     if resume and not Path(loaded.recipe.output.dir).is_dir():  # and leave no empty run dir behind
         raise UsageError(f"--resume: output.dir {loaded.recipe.output.dir} does not exist, so there is nothing to "
                          "resume; drop --resume to start the run")
     if loaded.recipe.model.quantization:  # before the data step, not after it
         require_bitsandbytes(f"model.quantization: {loaded.recipe.model.quantization}")
+    if nproc is not None and "WORLD_SIZE" not in os.environ:
+        from neftune_cli.train.parallel import Dist, check_batch
+
+        check_batch(loaded.recipe.train.grad_accum, loaded.recipe.train.micro_batch_size, Dist(world=nproc))
+        run_torchrun(nproc)
     again = ["neftune", "train", str(recipe), *[f"--set {shlex.quote(s)}" for s in set_ or []], "--resume"]
     run_training(loaded, resume=resume, overwrite=overwrite, force=force, resume_command=" ".join(again))
 
@@ -288,9 +302,15 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn every failure into one line and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("NEFTUNE_DEBUG") == "1"
+    quiet_libraries(debug)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="neftune", standalone_mode=False) or 0
+    except SystemExit as e:  # click turns a broken stdout pipe (`| head` has read enough) into a silent exit 1
+        if not isinstance(e.__context__, BrokenPipeError):
+            raise
+        _silence_stdout()
+        code = EXIT_SIGPIPE  # quiet, and what a shell reports for cat in the same pipe
     except NeftuneError as e:
         code = _report(e, f"error: {e}", e.exit_code, debug)
     except typer.Exit as e:
@@ -313,9 +333,20 @@ def main(argv: list[str] | None = None) -> None:
             code = _report(e, f"error: {type(e).__name__}: {first_line(e)}" + _hint(e), EXIT_RUNTIME, debug)
             if not debug:  # not one of our messages: the traceback is where the cause is
                 err.print("(run with --debug for the traceback)", markup=False)
+    try:
+        sys.stdout.flush()  # here, not at exit, where a broken pipe is a traceback the user did not ask for
+    except BrokenPipeError:
+        _silence_stdout()
+        code = code or EXIT_SIGPIPE
     if EXIT_CODE_DIR in os.environ:  # a rank under `--nproc`: tell the wrapper how this process ended
         (Path(os.environ[EXIT_CODE_DIR]) / os.environ.get("RANK", "0")).write_text(str(code))
     sys.exit(code)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush at exit finds no broken pipe either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _report(exc: BaseException | None, message: str, code: int, debug: bool) -> int:
