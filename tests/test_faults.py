@@ -825,11 +825,15 @@ def test_nproc_with_a_grad_accum_it_does_not_divide_is_refused_before_torchrun(c
 # --- issue 21: shell logs -------------------------------------------------------------------------------------
 
 
+# set by in-process runs of main() in this test session; a shell's environment has none of them
+QUIET_SWITCHES = {"NEFTUNE_DEBUG", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"}
+
+
 def neftune(*args: str, close_stdout: bool = False) -> tuple[int, str]:
     """The command in a child process, as a shell runs it (stderr a pipe, not a terminal): (exit code, stderr)."""
     proc = subprocess.Popen([sys.executable, "-m", "neftune_cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={k: v for k, v in os.environ.items()
-                                                                    if k != "NEFTUNE_DEBUG"})
+                            stderr=subprocess.PIPE, text=True, env={k: v for k, v in os.environ.items() if k not in
+                                                                    QUIET_SWITCHES})
     if close_stdout:  # the reader went away, as `| head -1` does once it has its line
         proc.stdout.close()
         err = proc.stderr.read()

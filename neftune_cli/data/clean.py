@@ -9,8 +9,6 @@ in their order, in the input's format -> report.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from neftune_cli.data.filters import FILTERS, Rules, View
 from neftune_cli.data.formats import BadRecord, EmptyText, Fields, OneSided, detect, parse
 from neftune_cli.data.rouge import near_duplicates
 from neftune_cli.data.sources import EXTENSIONS, Source, looks_like_path
-from neftune_cli.io.atomic import TMP_PREFIX, atomic_file
+from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.errors import DataError, UsageError
 from neftune_cli.io.outputs import check_output_file
 from neftune_cli.recipe.schema import SourceSection
@@ -229,13 +227,8 @@ def _write_parquet(unit: Unit, kept: list[Item], positions: list[int]) -> None:
         table = pq.read_table(source).take(positions)
     else:
         table = pa.Table.from_pylist([item.value for item in kept])
-    unit.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unit.out.with_name(f"{TMP_PREFIX}{unit.out.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, unit.out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(unit.out, binary=True) as f:
+        pq.write_table(table, f)
 
 
 def _write_csv(f, values: list[dict]) -> None:

@@ -255,7 +255,7 @@ class TrainSection(Section):
 
 class OutputSection(Section):
     dir: str = Field(
-        min_length=1, pattern=r"\S", description="Run directory (relative to the current working directory)."
+        min_length=1, pattern=r"\S", description="Run directory (relative to the current working directory; ~ expands)."
     )
 
 
