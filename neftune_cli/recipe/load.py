@@ -246,19 +246,16 @@ def leaves(tree: Any, prefix: str = "") -> list[str]:
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    """The resolved recipe as a run records it, so that it validates when read back: a full fine-tuning run has
-    no lora section (its default would be refused as one given)."""
-    tree = recipe.model_dump(mode="json")
-    if recipe.finetune == "full":
-        del tree["lora"]
-    return yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
+    """The resolved recipe as a run records it, so that it validates when read back: lora: null under finetune:
+    full (its default section would be refused as one given)."""
+    return yaml.safe_dump(saved_recipe(recipe.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
 
 
 def saved_recipe(tree: Any) -> Any:
-    """A recipe a run recorded, as validate takes it: runs written before recipe_to_yaml dropped it carry the
-    default lora section under finetune: full."""
+    """A dumped recipe as a run records it and validate takes it back: under finetune: full the lora section means
+    nothing, and is null (runs written before this carry the default section there)."""
     if isinstance(tree, dict) and tree.get("finetune") == "full":
-        return {k: v for k, v in tree.items() if k != "lora"}
+        return {**tree, "lora": None}
     return tree
 
 

@@ -27,7 +27,7 @@ def check_resumable(checkpoint: Checkpoint, recipe: Recipe, data: PreparedData, 
         raise UsageError(f"--resume: {checkpoint.folder} was written by {written_by} process(es); resume with the "
                          f"same number (this run has {dist.world})")
     changes = []
-    before, now = with_defaults(meta["recipe"]), recipe.model_dump(mode="json")
+    before, now = with_defaults(meta["recipe"]), saved_recipe(recipe.model_dump(mode="json"))
     if meta["data_fingerprint"] == data.fingerprint:  # the same data (by content): where it lives is no change
         before, now = _without_locations(before), _without_locations(now)
     before, now = flatten(before), flatten(now)
@@ -62,7 +62,7 @@ def with_defaults(saved: dict) -> dict:
     try:
         return Recipe.model_validate(saved_recipe(saved)).model_dump(mode="json")
     except ValueError:  # a key since removed or renamed: compare as saved, and the change is named
-        return saved
+        return saved_recipe(saved)
 
 
 def flatten(tree, prefix: str = "") -> dict:
