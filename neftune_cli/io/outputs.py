@@ -105,8 +105,10 @@ def check_replaceable(path: Path, *, overwrite: bool, flag: str = "--out") -> No
     if not overwrite:
         raise UsageError(f"{flag} {path} already exists; pass --overwrite to replace it")
     if foreign := foreign_entries(path):
+        legacy = " (or one written before neftune kept manifests: delete it yourself)" \
+            if manifest_files(path) is None else ""
         raise UsageError(f"{flag} {path} holds {foreign[0]!r}, which neftune did not write there; --overwrite "
-                         "replaces only folders holding nothing but what we wrote (nothing was changed)")
+                         f"replaces only folders holding nothing but what we wrote{legacy} (nothing was changed)")
 
 
 def check_not_input(path: Path, inputs: Iterable[Path], flag: str = "--out") -> None:
