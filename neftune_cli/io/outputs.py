@@ -24,7 +24,7 @@ RUN_MARKER = "neftune-run.json"  # what makes a folder one of train's run direct
 def write_manifest(folder: Path) -> None:
     """List every file under `folder` (relative paths, at every depth) as ours."""
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if (p.is_file() or p.is_symlink()) and p != folder / MANIFEST)
+                   if p.is_file() and not p.is_symlink() and p != folder / MANIFEST)
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=0) + "\n", encoding="utf-8")
 
 
@@ -55,7 +55,8 @@ def foreign_entries(folder: Path) -> list[str]:
             if (Path(root) / name).is_symlink() or path not in parents:
                 foreign.append(path)
         dirs[:] = [d for d in dirs if (rel / d).as_posix() in parents and not (Path(root) / d).is_symlink()]
-        foreign += [(rel / f).as_posix() for f in sorted(files) if (rel / f).as_posix() not in ours]
+        foreign += [(rel / f).as_posix() for f in sorted(files)
+                    if (rel / f).as_posix() not in ours or (Path(root) / f).is_symlink()]
     return foreign
 
 
