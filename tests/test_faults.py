@@ -859,3 +859,13 @@ def test_a_scripted_log_holds_no_progress_bars_and_no_library_notes(work, tiny_m
     if int(transformers.__version__.split(".")[0]) >= 5:  # transformers 4 has no "Loading weights" bar
         code, err = neftune("--debug", *command, "--overwrite")
         assert code == 0 and "Loading weights" in err, err
+
+
+def test_resume_with_a_damaged_metrics_file_names_the_line(cli, work):
+    path = recipe(work, text=RECIPE.replace("keep_last: 1", "keep_last: 3"))
+    assert cli("train", path, "--set", "train.max_steps=2")[0] == 0
+    metrics_file = work / "run" / "metrics.jsonl"
+    metrics_file.write_text(metrics_file.read_text() + "not json\n")
+    code, _, err = cli("train", path, "--set", "train.max_steps=3", "--resume", "--force")
+    assert code == 2
+    one_error(err, "metrics.jsonl", "line 3")

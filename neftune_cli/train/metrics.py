@@ -39,9 +39,9 @@ class MetricsLog:
     def __init__(self, run_root: Path, report_to: list[str], start_step: int = 0):
         path = run_root / METRICS_FILE
         if start_step and path.exists():
-            lines = [line for _, line in json_lines(path.read_text(encoding="utf-8"))]
+            kept = [r for r in read_metrics(run_root) if r["step"] <= start_step]  # a damaged line is named
             with atomic_file(path) as f:
-                f.write("".join(line + "\n" for line in lines if json.loads(line)["step"] <= start_step))
+                f.write("".join(json_line(r) for r in kept))
         self._tensorboard = None
         if "tensorboard" in report_to:
             purge = start_step + 1 if start_step else None
