@@ -856,6 +856,9 @@ def test_a_scripted_log_holds_no_progress_bars_and_no_library_notes(work, tiny_m
     assert code == 0, err
     assert "\r" not in err and "Loading weights" not in err and "gemm_4bit" not in err, err
     assert err.startswith("generate:"), err  # our lines only
+    code, err = neftune("train", recipe(work), "--set", "train.max_steps=1")
+    assert code == 0, err
+    assert "\r" not in err and "Warning" not in err and "gemm_4bit" not in err, err
     if int(transformers.__version__.split(".")[0]) >= 5:  # transformers 4 has no "Loading weights" bar
         code, err = neftune("--debug", *command, "--overwrite")
         assert code == 0 and "Loading weights" in err, err
