@@ -30,7 +30,8 @@ _LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit
 def quiet_libraries(debug: bool) -> None:
     """A log of a scripted run holds our lines and the warnings that concern the user: off a terminal, no `\\r`
     progress bars from transformers ("Loading weights"), the hub client or datasets; and never the notes in
-    _LIBRARY_NOISE or the libraries' deprecation notices (FutureWarning, DeprecationWarning). `--debug` keeps everything. Before those libraries are imported: they read the switches then."""
+    _LIBRARY_NOISE or the libraries' deprecation notices (FutureWarning, DeprecationWarning). `--debug` keeps
+    everything. Before those libraries are imported: they read the switches then."""
     if debug:
         return
     import logging
