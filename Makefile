@@ -34,8 +34,8 @@ demo: install
 	$(BIN)/neftune train recipes/demo.yaml --overwrite
 	$(BIN)/neftune merge runs/demo --out merged/demo --overwrite
 	@# held-out prompts, greedy, no repetition penalty (short exact answers; the paper's 1.2 is for long ones)
-	$(BIN)/neftune generate builtin:tiny-llama --template alpaca $(DEMO_GENERATE) --out runs/demo-answers/before.jsonl
-	$(BIN)/neftune generate merged/demo $(DEMO_GENERATE) --out runs/demo-answers/after.jsonl
+	$(BIN)/neftune generate builtin:tiny-llama --template alpaca $(DEMO_GENERATE) --out runs/demo-answers/before.jsonl --overwrite
+	$(BIN)/neftune generate merged/demo $(DEMO_GENERATE) --out runs/demo-answers/after.jsonl --overwrite
 	$(BIN)/python -m neftune_cli.demo.check runs/demo-answers/before.jsonl runs/demo-answers/after.jsonl
 
 lint: install

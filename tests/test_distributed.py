@@ -144,6 +144,8 @@ def test_resume_on_another_number_of_processes_is_refused(cli, work):
     done = nproc("train", path, "--resume")
     assert done.returncode == 2  # torchrun itself would say 1
     assert "written by 1 process(es); resume with the same number (this run has 2)" in done.stderr
+    # our error line, not torchrun's ChildFailedError traceback after it (issue 21)
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr
 
 
 def test_the_global_batch_must_divide_among_the_processes():

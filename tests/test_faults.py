@@ -156,7 +156,7 @@ def test_export_refuses_an_input_of_the_recipe(cli, work, target):
     before = snapshot(work)
     code, _, err = cli("data", "export", path, work / target, "--overwrite")
     assert code == 2
-    one_error(err, target, "input of the recipe")
+    one_error(err, target, "input of this command")
     assert snapshot(work) == before
 
 
@@ -238,9 +238,9 @@ def test_resume_of_a_finished_run_is_a_no_op(cli, work):
 # --- 5. and 9. a second train on the same run dir; kill -9 in the middle of a checkpoint --------------------
 
 
-def start_paused(path: Path, pause_at: str, ready: Path, *extra: str) -> subprocess.Popen:
+def start_paused(path: Path, pause_at: str, ready: Path, *extra: str, command: str = "train") -> subprocess.Popen:
     env = {**os.environ, "NEFTUNE_TEST_PAUSE_AT": pause_at, "NEFTUNE_TEST_PAUSE_FILE": str(ready)}
-    cmd = [sys.executable, "-m", "neftune_cli", "train", str(path), *extra]
+    cmd = [sys.executable, "-m", "neftune_cli", *command.split(), str(path), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not ready.exists():
@@ -450,3 +450,427 @@ def test_resume_of_a_run_saved_before_a_recipe_key_existed(cli, work):
     assert code == 0, err
     assert "pack_tokens" not in err  # only the real change is named
     assert "train.max_steps: 2 -> 3" in err
+
+
+# --- issue 21: one output policy for every command that writes (io/outputs.py) ------------------------------
+
+
+def prompts(folder: Path, text: str = "Count the items: a, b") -> Path:
+    path = folder / "prompts.jsonl"
+    path.write_text(json.dumps({"instruction": text}, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+GENERATE = ("--max-new-tokens", "3", "--limit", "1")
+
+
+def test_generate_never_writes_onto_an_input_a_run_or_an_existing_file(cli, work):
+    assert cli("train", recipe(work), "--set", "train.max_steps=1")[0] == 0
+    asked = prompts(work)
+    (work / "answers.json").write_text("my answers")
+    before = snapshot(work)
+    cases = [(asked, "input of this command"), (work / "run" / "final" / "adapter_model.safetensors", "inside"),
+             (work / "run" / "answers.json", "inside"), (work / "answers.json", "--overwrite")]
+    for target, culprit in cases:
+        code, _, err = cli("generate", work / "run", "--prompts", asked, "--out", target, *GENERATE)
+        assert code == 2, err
+        one_error(err, str(target), culprit)
+    for target in cases[:3]:  # --overwrite replaces only a file outside our folders that is no input
+        code, _, err = cli("generate", work / "run", "--prompts", asked, "--out", target[0], "--overwrite", *GENERATE)
+        assert code == 2, err
+    assert snapshot(work) == before
+    code, _, err = cli("generate", work / "run", "--prompts", asked, "--out", work / "answers.json", "--overwrite",
+                       *GENERATE)
+    assert code == 0, err
+    assert json.loads((work / "answers.json").read_text())[0]["instruction"] == "Count the items: a, b"
+
+
+def test_plot_refuses_an_existing_png_without_overwrite(cli, work):
+    assert cli("train", recipe(work), "--set", "train.max_steps=1")[0] == 0
+    png = work / "mine.png"
+    png.write_bytes(b"my picture")
+    code, _, err = cli("plot", work / "run", "--out", png)
+    assert code == 2 and png.read_bytes() == b"my picture"
+    one_error(err, str(png), "--overwrite")
+    code, _, err = cli("plot", work / "run", "--out", work / "run" / "curves.png")
+    assert code == 2 and not (work / "run" / "curves.png").exists()
+    one_error(err, "inside")
+    assert cli("plot", work / "run", "--out", png, "--overwrite")[0] == 0
+    assert png.read_bytes().startswith(b"\x89PNG")
+    no_debris(work)
+
+
+def test_merge_out_inside_a_run_or_over_a_users_folder_is_refused(cli, work):
+    assert cli("train", recipe(work), "--set", "train.max_steps=1")[0] == 0
+    before = snapshot(work)
+    for out in (work / "run" / "final" / "merged", work / "run" / "merged"):
+        code, _, err = cli("merge", work / "run", "--out", out, "--no-verify")
+        assert code == 2, err
+        one_error(err, str(out), "inside")
+    mine = work / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "config.json").write_text("{}")  # another model's config
+    before = snapshot(work)
+    code, _, err = cli("merge", work / "run", "--out", mine, "--no-verify", "--overwrite")
+    assert code == 2
+    one_error(err, str(mine), "neftune did not write", "--overwrite")
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("where", ["final", "checkpoints/step-2"])
+def test_overwrite_and_resume_refuse_a_users_file_below_the_top(cli, work, where):
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=2")[0] == 0
+    (work / "run" / where / "notes.txt").write_text("keep me")
+    before = snapshot(work / "run")
+    for flags in (["--overwrite"], ["--resume", "--force"]):
+        code, _, err = cli("train", path, "--set", "train.max_steps=3", *flags)
+        assert code == 2, err
+        one_error(err, f"{where}/notes.txt")
+    before.pop(".lock")
+    after = snapshot(work / "run")
+    after.pop(".lock")
+    assert after == before
+
+
+def test_overwrite_of_a_run_whose_checkpoints_is_a_symlink_deletes_nothing(cli, work):
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=1")[0] == 0
+    elsewhere = work / "elsewhere"
+    (work / "run" / "checkpoints").rename(elsewhere)
+    (work / "run" / "checkpoints").symlink_to(elsewhere)
+    before = snapshot(work)
+    code, _, err = cli("train", path, "--overwrite")
+    assert code == 2
+    one_error(err, "checkpoints")
+    assert snapshot(work) == before and (work / "run" / "checkpoints").is_symlink()
+
+
+def test_a_merged_model_moved_into_final_is_not_deleted_by_overwrite(cli, work):
+    """Merging into a run is refused; a merged model put there by hand is ours but not this run's: train
+    --overwrite refuses, naming it, rather than delete it."""
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=1")[0] == 0
+    assert cli("merge", work / "run", "--out", work / "merged", "--no-verify")[0] == 0
+    (work / "merged").rename(work / "run" / "final" / "merged")
+    before = snapshot(work / "run")
+    code, _, err = cli("train", path, "--overwrite")
+    assert code == 2
+    one_error(err, "final/merged")
+    assert snapshot(work / "run").keys() == before.keys()
+
+
+def test_resume_with_nothing_to_resume_creates_no_run_dir(cli, work):
+    code, _, err = cli("train", recipe(work), "--resume")
+    assert code == 2
+    one_error(err, "--resume", str(work / "run"))
+    assert not (work / "run").exists()
+
+
+def test_foreign_entries_at_every_depth(tmp_path):
+    from neftune_cli.io.atomic import atomic_dir
+    from neftune_cli.io.outputs import foreign_entries
+
+    with atomic_dir(tmp_path / "m") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.bin").write_bytes(b"a")
+        (tmp / "b.json").write_text("{}")
+    assert foreign_entries(tmp_path / "m") == []
+    (tmp_path / "m" / "sub" / "user.txt").write_text("u")
+    (tmp_path / "m" / "new").mkdir()
+    (tmp_path / "m" / "link").symlink_to(tmp_path)
+    assert foreign_entries(tmp_path / "m") == ["link", "new", "sub/user.txt"]
+    with pytest.raises(Exception, match="link.*neftune did not write"):
+        with atomic_dir(tmp_path / "m"):
+            pass
+    assert (tmp_path / "m" / "sub" / "user.txt").exists()
+
+
+# --- issue 21: runs the tool made are accepted by the tool ---------------------------------------------------
+
+
+def test_generate_and_eval_of_a_full_fine_tuning_run_and_its_checkpoint(cli, work):
+    path = recipe(work, text=RECIPE.replace("lora: {r: 4, alpha: 8}", "finetune: full"))
+    assert cli("train", path, "--set", "train.max_steps=1")[0] == 0
+    assert __import__("yaml").safe_load((work / "run" / "recipe.yaml").read_text())["lora"] is None
+    for model in (work / "run", work / "run" / "checkpoints" / "step-1"):
+        code, _, err = cli("generate", model, "--prompts", prompts(work), "--out", work / "a.json", "--overwrite",
+                           *GENERATE)
+        assert code == 0, err
+        code, _, err = cli("eval", model, "--data", work / "train.jsonl")
+        assert code == 0, err
+    # a run recorded before the lora section was dropped: read back as it ran
+    saved = __import__("yaml").safe_load((work / "run" / "recipe.yaml").read_text())
+    saved["lora"] = {"r": 16}
+    (work / "run" / "recipe.yaml").write_text(__import__("yaml").safe_dump(saved))
+    code, _, err = cli("eval", work / "run", "--data", work / "train.jsonl")
+    assert code == 0, err
+
+
+def test_a_line_separator_in_a_record_round_trips_through_clean_generate_and_eval(cli, work):
+    text = "Count the items:\u2028a, b\u2029c\x85"
+    source = work / "in.jsonl"
+    source.write_text(json.dumps({"instruction": text, "input": "", "output": "three items"}, ensure_ascii=False)
+                      + "\n", encoding="utf-8")
+    code, _, err = cli("data", "clean", source, "--out", work / "clean.jsonl", "--min-words", "1")
+    assert code == 0, err
+    assert "\u2028" in (work / "clean.jsonl").read_text(encoding="utf-8")  # written raw, one line
+    assert cli("train", recipe(work), "--set", "train.max_steps=1")[0] == 0
+    code, _, err = cli("generate", work / "run", "--prompts", work / "clean.jsonl", "--out", work / "a.jsonl",
+                       "--format", "jsonl", *GENERATE)
+    assert code == 0, err
+    assert json.loads((work / "a.jsonl").read_text(encoding="utf-8").split("\n")[0])["instruction"] == text
+    answers = work / "answers.jsonl"
+    answers.write_text(json.dumps({"instruction": "x", "output": text}, ensure_ascii=False) + "\n", encoding="utf-8")
+    code, _, err = cli("eval", work / "run", "--answers", answers)
+    assert code == 0, err
+
+
+def test_resume_after_moving_the_project_folder(cli, work, tmp_path_factory):
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=2")[0] == 0
+    import shutil
+
+    moved = tmp_path_factory.mktemp("moved") / "project"
+    shutil.move(work, moved)
+    shutil.rmtree(moved / "run" / "final")  # as if stopped before the end
+    code, _, err = cli("train", recipe(moved), "--set", "train.max_steps=2", "--resume")
+    assert code == 0, err
+    assert (moved / "run" / "final" / "adapter_model.safetensors").is_file()
+    (moved / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(24, seed=4)))
+    shutil.rmtree(moved / "run" / "final")
+    code, _, err = cli("train", recipe(moved), "--set", "train.max_steps=2", "--resume")
+    assert code == 2 and "the data changed" in one_error(err)
+
+
+# --- issue 21: exit 2 with one line where the user must change something ------------------------------------
+
+
+def test_a_target_under_a_file_is_exit_2_for_every_command_that_writes(cli, work):
+    path = recipe(work)
+    assert cli("train", path, "--set", "train.max_steps=1")[0] == 0
+    (work / "afile").write_text("x")
+    under = work / "afile"
+    commands = [
+        ("generate", work / "run", "--prompts", prompts(work), "--out", under / "a.json", *GENERATE),
+        ("plot", work / "run", "--out", under / "c.png"),
+        ("data", "export", path, under / "t.jsonl"),
+        ("data", "clean", work / "train.jsonl", "--out", under / "c.jsonl"),
+        ("data", "clean", work / "train.jsonl", "--dry-run", "--report", under / "r.json"),
+        ("merge", work / "run", "--out", under / "m", "--no-verify"),
+    ]
+    for command in commands:
+        code, _, err = cli(*command)
+        assert code == 2, (command, err)
+        one_error(err, str(under))
+    assert (work / "afile").read_text() == "x"
+
+
+def test_a_read_only_target_is_exit_2(cli, work, monkeypatch):
+    path = recipe(work)
+    real = Path.open
+
+    def read_only(self, mode="r", *args, **kwargs):
+        if "w" in mode and self.name.startswith(".tmp-"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", read_only)
+    code, _, err = cli("data", "export", path, work / "t.jsonl")
+    assert code == 2
+    one_error(err, "t.jsonl", "Read-only file system")
+
+
+def model_copy(tiny_model_dir: Path, to: Path, keep_weights: bool) -> Path:
+    import shutil
+
+    shutil.copytree(tiny_model_dir, to, ignore=None if keep_weights else shutil.ignore_patterns("*.safetensors"))
+    (to / ".neftune-manifest.json").unlink(missing_ok=True)
+    return to
+
+
+@pytest.mark.parametrize("damage", ["no weights", "truncated"])
+def test_a_model_folder_without_whole_weights_is_exit_2(cli, work, tiny_model_dir, damage):
+    model = model_copy(tiny_model_dir, work / "model", keep_weights=damage == "truncated")
+    if damage == "truncated":
+        shard = next(model.glob("*.safetensors"))
+        shard.write_bytes(shard.read_bytes()[:1000])
+    code, _, err = cli("train", recipe(work), "--set", f"model.name_or_path={model}")
+    assert code == 2, err
+    one_error(err, str(model))
+    code, _, err = cli("generate", model, "--prompts", prompts(work), "--out", work / "a.json", *GENERATE)
+    assert code == 2, err
+    one_error(err, str(model))
+
+
+def test_a_checkpoint_whose_weights_are_missing_is_exit_2(cli, work):
+    assert cli("train", recipe(work), "--set", "train.max_steps=2",
+               "--set", "train.keep_last=2")[0] == 0
+    step1, step2 = (work / "run" / "checkpoints" / f"step-{n}" for n in (1, 2))
+    (step1 / "adapter_model.safetensors").unlink()
+    (step2 / "adapter_model.safetensors").unlink()
+    (step2 / "adapter_config.json").unlink()
+    for folder, culprit in ((step1, "cannot load the adapter"), (step2, "holds neither an adapter")):
+        code, _, err = cli("generate", folder, "--prompts", prompts(work), "--out", work / "a.json", *GENERATE)
+        assert code == 2, err
+        one_error(err, str(folder), culprit)
+
+
+@pytest.mark.parametrize(("file", "content"), [("metrics.jsonl", "[1, 2]\n"), ("metrics.jsonl", '{"loss": 1}\n'),
+                                              ("metrics.jsonl", '{"step": 1, "loss": "high"}\n'),
+                                              ("recipe.yaml", "neftune: [a\n"), ("recipe.yaml", "- a list\n")])
+def test_compare_and_plot_of_a_damaged_run_are_exit_2(cli, work, file, content):
+    assert cli("train", recipe(work), "--set", "train.max_steps=1")[0] == 0
+    (work / "run" / file).write_text(content)
+    for command in (("compare", work / "run"), ("plot", work / "run", "--out", work / "c.png")):
+        code, _, err = cli(*command)
+        if file == "recipe.yaml" and command[0] == "plot":
+            assert code == 0, err  # plot reads only the metrics
+            continue
+        assert code == 2, (command, err)
+        one_error(err, file)
+
+
+@pytest.mark.parametrize(("sets", "culprit"), [
+    (["train=5", "train.lr=1"], "--set train.lr: train is 5, not a section"),
+    (["train.adam_betas=[0.9, 1.5]"], "adam_betas"),
+    (["train.seed=18446744073709551616"], "train.seed"),
+    (["lora.target_modules=[" + ", ".join(f"&{k} [{', '.join([f'*{k - 1}' if k else 'x'] * 10)}]"
+                                          for k in range(9)) + "]"], "more than 100,000 values"),  # 10^9 strings
+])
+def test_bad_set_values_are_exit_2(cli, work, sets, culprit):
+    code, _, err = cli("validate", recipe(work), *[a for s in sets for a in ("--set", s)])
+    assert code == 2
+    one_error(err, culprit)
+
+
+def test_modules_to_save_naming_no_module_is_exit_2(cli, work):
+    code, _, err = cli("train", recipe(work), "--set", "lora.modules_to_save=[lm_haed]")
+    assert code == 2
+    one_error(err, "lora.modules_to_save", "lm_haed")
+    assert cli("train", recipe(work), "--set", "lora.modules_to_save=[lm_head]", "--set", "train.max_steps=1")[0] == 0
+
+
+@pytest.mark.parametrize("damage", ["not a state", "another run"])
+def test_resume_falls_back_from_a_damaged_or_foreign_optimizer_state(cli, work, damage):
+    path = recipe(work, text=RECIPE.replace("keep_last: 1", "keep_last: 3"))
+    assert cli("train", path, "--set", "train.max_steps=3")[0] == 0
+    state_file = work / "run" / "checkpoints" / "step-3" / "trainer_state.pt"
+    if damage == "not a state":
+        torch.save({"optimizer": [1, 2]}, state_file)
+    else:
+        other = recipe(work, out=work / "other", name="o.yaml")
+        assert cli("train", other, "--set", "train.max_steps=1", "--set", "lora.r=8")[0] == 0
+        state_file.write_bytes((work / "other" / "checkpoints" / "step-1" / "trainer_state.pt").read_bytes())
+    code, _, err = cli("train", path, "--set", "train.max_steps=3", "--resume")
+    assert code == 0, err
+    assert "step-3/trainer_state.pt" in err and "trying the checkpoint before it" in err and "step-2" in err
+
+
+def test_data_clean_names_a_missing_file_a_missing_column_and_a_ragged_csv_row(cli, work):
+    code, _, err = cli("data", "clean", work / "nope.jsonl", "--out", work / "o.jsonl")
+    assert code == 2
+    assert "hub" not in one_error(err, "nope.jsonl", "file not found")
+    code, _, err = cli("data", "clean", work / "train.jsonl", "--dry-run", "--field", "instruction=question")
+    assert code == 2
+    one_error(err, "no column 'question'", "instruction=question")
+    (work / "r.csv").write_text("instruction,output\nSay hello to the whole team,hi,extra\n")
+    code, _, err = cli("data", "clean", work / "r.csv", "--out", work / "o.csv")
+    assert code == 2 and not (work / "o.csv").exists()
+    one_error(err, "r.csv", "line 2", "3 fields where the header has 2")
+
+
+def test_report_equal_to_out_is_refused(cli, work):
+    code, _, err = cli("data", "clean", work / "train.jsonl", "--out", work / "o.jsonl", "--report", work / "o.jsonl")
+    assert code == 2 and not (work / "o.jsonl").exists()
+    one_error(err, "--report", "o.jsonl")
+
+
+def test_output_dir_expands_the_home_folder(cli, work, monkeypatch):
+    monkeypatch.setenv("HOME", str(work))
+    code, out, err = cli("validate", recipe(work, out="~/runs/x"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["recipe"]["output"]["dir"] == str(work / "runs" / "x")
+
+
+def test_max_new_tokens_past_the_models_positions_is_refused(cli, work, tiny_model_dir):
+    code, _, err = cli("generate", tiny_model_dir, "--prompts", prompts(work), "--out", work / "a.json",
+                       "--max-new-tokens", "1000000000")
+    assert code == 2 and not (work / "a.json").exists()
+    one_error(err, "--max-new-tokens", "positions")
+
+
+def test_sigterm_during_the_data_cache_write_leaves_nothing_the_next_run_keeps(cli, work, neftune_cache):
+    path = recipe(work)
+    (work / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(24, seed=11)))  # a new cache entry
+    proc = start_paused(path, "cache-write", work / "ready", command="data stats")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert list((neftune_cache / "data").glob(".tmp-*")), "the kill should leave the temporary entry"
+    code, _, err = cli("data", "stats", path)
+    assert code == 0, err
+    assert not list((neftune_cache / "data").glob(".tmp-*"))
+
+
+def test_nproc_with_a_grad_accum_it_does_not_divide_is_refused_before_torchrun(cli, work, monkeypatch):
+    import neftune_cli.cli.app as app
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(app, "run_torchrun", lambda n: pytest.fail("torchrun was started"))
+    code, _, err = cli("train", recipe(work), "--nproc", "2", "--set", "train.grad_accum=3")
+    assert code == 2
+    one_error(err, "train.grad_accum 3", "2 processes")
+    assert not (work / "run").exists()
+
+
+# --- issue 21: shell logs -------------------------------------------------------------------------------------
+
+
+# set by in-process runs of main() in this test session; a shell's environment has none of them
+QUIET_SWITCHES = {"NEFTUNE_DEBUG", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"}
+
+
+def neftune(*args: str, close_stdout: bool = False) -> tuple[int, str]:
+    """The command in a child process, as a shell runs it (stderr a pipe, not a terminal): (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "neftune_cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={k: v for k, v in os.environ.items() if k not in
+                                                                    QUIET_SWITCHES})
+    if close_stdout:  # the reader went away, as `| head -1` does once it has its line
+        proc.stdout.close()
+        err = proc.stderr.read()
+        return proc.wait(timeout=300), err
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def test_stdout_piped_to_a_reader_that_stops_ends_quietly(work):
+    code, err = neftune("data", "preview", recipe(work), "-n", "20", close_stdout=True)
+    assert code == 141, err  # what the shell reports for `cat big | head -1`'s cat
+    assert "Traceback" not in err and "Broken" not in err and "error" not in err, err
+
+
+def test_a_scripted_log_holds_no_progress_bars_and_no_library_notes(work, tiny_model_dir):
+    import transformers
+
+    command = ("generate", tiny_model_dir, "--prompts", prompts(work), "--out", work / "a.json", *GENERATE)
+    code, err = neftune(*command)
+    assert code == 0, err
+    assert "\r" not in err and "Loading weights" not in err and "gemm_4bit" not in err, err
+    assert err.startswith("generate:"), err  # our lines only
+    code, err = neftune("train", recipe(work), "--set", "train.max_steps=1")
+    assert code == 0, err
+    assert "\r" not in err and "Warning" not in err and "gemm_4bit" not in err, err
+    if int(transformers.__version__.split(".")[0]) >= 5:  # transformers 4 has no "Loading weights" bar
+        code, err = neftune("--debug", *command, "--overwrite")
+        assert code == 0 and "Loading weights" in err, err
+
+
+def test_resume_with_a_damaged_metrics_file_names_the_line(cli, work):
+    path = recipe(work, text=RECIPE.replace("keep_last: 1", "keep_last: 3"))
+    assert cli("train", path, "--set", "train.max_steps=2")[0] == 0
+    metrics_file = work / "run" / "metrics.jsonl"
+    metrics_file.write_text(metrics_file.read_text() + "not json\n")
+    code, _, err = cli("train", path, "--set", "train.max_steps=3", "--resume", "--force")
+    assert code == 2
+    one_error(err, "metrics.jsonl", "line 3")

@@ -630,7 +630,7 @@ def test_bad_options(llama, tmp_path):
         merge(adapter, tmp_path / "out", dtype="int8", log=quiet)
     with pytest.raises(UsageError, match="invalid max shard size"):
         merge(adapter, tmp_path / "out", max_shard_size="lots", log=quiet)
-    with pytest.raises(UsageError, match="would replace the input"):
+    with pytest.raises(UsageError, match="input of this command"):
         merge(adapter, adapter, overwrite=True, log=quiet)
     assert (adapter / "adapter_model.safetensors").exists()
 
@@ -667,11 +667,17 @@ def test_existing_out_refused_then_replaced_with_overwrite(llama, tmp_path):
     (out / "keep.txt").write_text("old")
     with pytest.raises(UsageError, match="already exists.*--overwrite"):
         merge(adapter, out, log=quiet)
+    # a folder we did not write is never ours to replace, --overwrite or not
+    with pytest.raises(UsageError, match="holds 'keep.txt', which neftune did not write"):
+        merge(adapter, out, overwrite=True, log=quiet)
     assert (out / "keep.txt").read_text() == "old" and len(list(out.iterdir())) == 1
 
+    (out / "keep.txt").unlink()  # an empty folder holds nothing to lose
     res = merge(adapter, out, overwrite=True, verify=False, log=quiet)
-    assert res.out == out.absolute()
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert res.out == out.absolute() and (out / "model.safetensors").exists()
+    first = (out / "model.safetensors").stat().st_ino
+    merge(adapter, out, overwrite=True, verify=False, log=quiet)  # our own merged model: replaced
+    assert (out / "model.safetensors").stat().st_ino != first
     assert not no_leftovers(tmp_path)
 
 
@@ -693,12 +699,14 @@ def test_failure_mid_merge_leaves_nothing(llama, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and not no_leftovers(tmp_path)
 
     # with --overwrite the old output survives a failed merge untouched
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("old")
+    monkeypatch.setattr(st, "write_shard", real)
+    merge(adapter, tmp_path / "out", verify=False, log=quiet)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    monkeypatch.setattr(st, "write_shard", flaky)
     calls.clear()
     with pytest.raises(RuntimeFailure):
         merge(adapter, tmp_path / "out", max_shard_size="20KB", overwrite=True, log=quiet)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"] and not no_leftovers(tmp_path)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before and not no_leftovers(tmp_path)
 
 
 def test_verification_failure_leaves_nothing(llama, tmp_path, monkeypatch):

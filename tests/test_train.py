@@ -383,7 +383,11 @@ def test_resume_refuses_a_changed_recipe(cli, workdir, monkeypatch):
 
 
 def test_resume_without_a_checkpoint(cli, workdir):
-    code, _, err = cli("train", str(make_recipe(workdir)), "--resume")
+    path = make_recipe(workdir)
+    code, _, err = cli("train", str(path), "--resume")  # no run dir: nothing to resume, and none is created
+    assert code == 2 and "nothing to resume" in err and not (workdir / "run").exists()
+    (workdir / "run").mkdir()
+    code, _, err = cli("train", str(path), "--resume")
     assert code == 2 and "no checkpoint" in err
 
 

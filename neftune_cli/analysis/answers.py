@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from neftune_cli.io.errors import DataError, UsageError
+from neftune_cli.io.jsonl import json_lines
 
 NGRAMS = (2, 3, 4)
 
@@ -25,7 +26,7 @@ def read_answers(path: Path) -> list[dict]:
         raise UsageError(f"--answers {path}: file not found")
     try:
         text = path.read_text(encoding="utf-8")
-        rows = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl"
+        rows = ([json.loads(line) for _, line in json_lines(text)] if path.suffix == ".jsonl"
                 else json.loads(text))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: not valid JSON{' lines' if path.suffix == '.jsonl' else ''} ({e})") from None

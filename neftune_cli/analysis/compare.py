@@ -14,7 +14,7 @@ import yaml
 from neftune_cli.analysis.answers import answer_stats, read_answers
 from neftune_cli.infer.harness import run_results, score_cell, task_rows
 from neftune_cli.io.console import log, table
-from neftune_cli.io.errors import UsageError
+from neftune_cli.io.errors import DataError, UsageError, first_line
 from neftune_cli.train.metrics import read_metrics
 
 COLUMNS = ["run", "alpha", "scale", "steps", "tokens", "wall_s", "train_loss", "eval_loss",
@@ -22,9 +22,7 @@ COLUMNS = ["run", "alpha", "scale", "steps", "tokens", "wall_s", "train_loss", "
 
 
 def run_row(run: Path) -> dict:
-    recipe_file = run / "recipe.yaml"
-    recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else {}
-    noise = (recipe or {}).get("neftune") or {}
+    noise = _noise(run / "recipe.yaml")
     records = read_metrics(run)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if r.get("eval_loss") is not None]
@@ -32,6 +30,20 @@ def run_row(run: Path) -> dict:
     return {"run": run.name, "alpha": noise.get("alpha") or 0, "scale": noise.get("scale"),
             "steps": train[-1]["step"] if train else 0, "tokens": tokens, "wall_s": round(wall, 1),
             "train_loss": train[-1]["loss"] if train else None, "eval_loss": evals[-1]["eval_loss"] if evals else None}
+
+
+def _noise(recipe_file: Path) -> dict:
+    """The run's neftune section; a damaged recipe.yaml is named (exit 2), a missing one means no noise known."""
+    if not recipe_file.is_file():
+        return {}
+    try:
+        recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataError(f"{recipe_file}: not readable YAML ({first_line(e)})") from None
+    noise = recipe.get("neftune") or {} if isinstance(recipe, dict) else None
+    if not isinstance(noise, dict):
+        raise DataError(f"{recipe_file}: expected a recipe mapping with a neftune section")
+    return noise
 
 
 def _tokens_and_time(train: list[dict]) -> tuple[int, float]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.errors import UsageError
+from neftune_cli.io.outputs import check_output_file
 from neftune_cli.train.metrics import read_metrics
 
 
-def plot_curves(runs: list[Path], out: Path) -> None:
+def plot_curves(runs: list[Path], out: Path, *, overwrite: bool = False) -> None:
     try:
         import matplotlib
 
@@ -18,6 +20,7 @@ def plot_curves(runs: list[Path], out: Path) -> None:
         raise UsageError("neftune plot needs matplotlib: pip install 'neftune-cli[plot]'") from None
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: expected a .png file")
+    check_output_file(out, overwrite=overwrite, inputs=runs)
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
         records = read_metrics(run)
@@ -30,6 +33,6 @@ def plot_curves(runs: list[Path], out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    with atomic_file(out, binary=True) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)

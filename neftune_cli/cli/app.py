@@ -22,16 +22,18 @@ except ImportError:
 from neftune_cli import __version__
 from neftune_cli.cli.data import app as data_app
 from neftune_cli.cli.launch import EXIT_CODE_DIR, run_torchrun
-from neftune_cli.io.console import err, log, out, stdout_is_tty, table
+from neftune_cli.io.console import err, log, out, quiet_libraries, stdout_is_tty, table
 from neftune_cli.io.errors import (
     EXIT_RUNTIME,
     EXIT_SIGINT,
+    EXIT_SIGPIPE,
     EXIT_USAGE,
     OOM_HINT,
     NeftuneError,
     UsageError,
     first_line,
 )
+from neftune_cli.io.outputs import check_output_file
 from neftune_cli.models.loading import check_kernel
 from neftune_cli.models.quantization import require_bitsandbytes
 from neftune_cli.recipe.load import load_recipe
@@ -129,11 +131,19 @@ def train(
 
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other")
-    if nproc is not None and "WORLD_SIZE" not in os.environ:
-        run_torchrun(nproc)
+    # everything that can be checked before torchrun starts N processes (each would print the same error, and
+    # torchrun its traceback after them)
     loaded = load_recipe(recipe, set_)
+    if resume and not Path(loaded.recipe.output.dir).is_dir():  # and leave no empty run dir behind
+        raise UsageError(f"--resume: output.dir {loaded.recipe.output.dir} does not exist, so there is nothing to "
+                         "resume; drop --resume to start the run")
     if loaded.recipe.model.quantization:  # before the data step, not after it
         require_bitsandbytes(f"model.quantization: {loaded.recipe.model.quantization}")
+    if nproc is not None and "WORLD_SIZE" not in os.environ:
+        from neftune_cli.train.parallel import Dist, check_batch
+
+        check_batch(loaded.recipe.train.grad_accum, loaded.recipe.train.micro_batch_size, Dist(world=nproc))
+        run_torchrun(nproc)
     again = ["neftune", "train", str(recipe), *[f"--set {shlex.quote(s)}" for s in set_ or []], "--resume"]
     run_training(loaded, resume=resume, overwrite=overwrite, force=force, resume_command=" ".join(again))
 
@@ -183,7 +193,8 @@ SeedOpt = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Sampling seed.")
 def generate(
     model: str = ModelArg,
     prompts: Path = typer.Option(..., "--prompts", help=".json/.jsonl of instruction (+ input) or messages records."),
-    out_file: Path = typer.Option(..., "--out", help="Output file (replaced if it exists)."),
+    out_file: Path = typer.Option(..., "--out", help="Output file (must not exist, or --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file (never an input)."),
     fmt: str = typer.Option("json", "--format", help="json: AlpacaEval model outputs; jsonl: with token counts and "
                             "finish reasons."),
     max_new_tokens: int = MaxNewTokensOpt,
@@ -206,6 +217,8 @@ def generate(
 
     if fmt not in {"json", "jsonl"}:
         raise typer.BadParameter(f"--format {fmt}: expected json or jsonl")
+    check_output_file(out_file, overwrite=overwrite,
+                      inputs=[prompts, *([Path(model).expanduser()] if Path(model).expanduser().exists() else [])])
     settings = Settings(max_new_tokens=max_new_tokens, batch_size=batch_size, repetition_penalty=repetition_penalty,
                         temperature=temperature, top_p=top_p, seed=seed)
     run_generate(resolve(model, _template(template)), prompts, out_file, settings, fmt=fmt, generator=generator,
@@ -342,7 +355,8 @@ def compare(
 @app.command()
 def plot(
     runs: list[Path] = typer.Argument(..., help="Run directories.", show_default=False),
-    out_file: Path = typer.Option(..., "--out", help="PNG file to write."),
+    out_file: Path = typer.Option(..., "--out", help="PNG file to write (must not exist, or --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Train and eval loss curves of runs, one line per run (needs the plot extra: matplotlib).
 
@@ -350,7 +364,7 @@ def plot(
     """
     from neftune_cli.analysis.plot import plot_curves
 
-    plot_curves(runs, out_file)
+    plot_curves(runs, out_file, overwrite=overwrite)
     out.print(f"wrote {out_file}", markup=False)
 
 
@@ -414,9 +428,15 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn every failure into one line and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("NEFTUNE_DEBUG") == "1"
+    quiet_libraries(debug)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="neftune", standalone_mode=False) or 0
+    except SystemExit as e:  # click turns a broken stdout pipe (`| head` has read enough) into a silent exit 1
+        if not isinstance(e.__context__, BrokenPipeError):
+            raise
+        _silence_stdout()
+        code = EXIT_SIGPIPE  # quiet, and what a shell reports for cat in the same pipe
     except NeftuneError as e:
         code = _report(e, f"error: {e}", e.exit_code, debug)
     except typer.Exit as e:
@@ -439,9 +459,20 @@ def main(argv: list[str] | None = None) -> None:
             code = _report(e, f"error: {type(e).__name__}: {first_line(e)}" + _hint(e), EXIT_RUNTIME, debug)
             if not debug:  # not one of our messages: the traceback is where the cause is
                 err.print("(run with --debug for the traceback)", markup=False)
+    try:
+        sys.stdout.flush()  # here, not at exit, where a broken pipe is a traceback the user did not ask for
+    except BrokenPipeError:
+        _silence_stdout()
+        code = code or EXIT_SIGPIPE
     if EXIT_CODE_DIR in os.environ:  # a rank under `--nproc`: tell the wrapper how this process ended
         (Path(os.environ[EXIT_CODE_DIR]) / os.environ.get("RANK", "0")).write_text(str(code))
     sys.exit(code)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush at exit finds no broken pipe either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _report(exc: BaseException | None, message: str, code: int, debug: bool) -> int:

@@ -14,6 +14,7 @@ from neftune_cli.data.report import histogram, padding_waste, percentiles
 from neftune_cli.io import console
 from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.errors import UsageError
+from neftune_cli.io.outputs import check_output_file
 
 app = typer.Typer(help="Inspect how a recipe's data is tokenized and masked.", no_args_is_help=True)
 
@@ -171,17 +172,9 @@ def _check_export_target(out: Path, loaded, overwrite: bool) -> None:
     """OUT must be a file path that holds nothing of the user's we would destroy."""
     from neftune_cli.data.sources import Source
 
-    if out.is_dir():
-        raise UsageError(f"{out} is a folder; give the path of the .jsonl file to write")
-    if not out.exists():
-        return
     inputs = [loaded.path] + [f for spec in loaded.recipe.data.sources + loaded.recipe.data.eval_sources
                               if (source := Source(spec)).local for f in source.files]
-    for path in inputs:
-        if out.samefile(path):
-            raise UsageError(f"{out} is an input of the recipe ({path}); export to another file")
-    if not overwrite:
-        raise UsageError(f"{out} exists; add --overwrite to replace it")
+    check_output_file(out, overwrite=overwrite, inputs=inputs, flag="OUT")
 
 
 def _names(values: list[str] | None, option: str) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -30,13 +31,39 @@ def run_torchrun(nproc: int) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "neftune_cli", *args]
     log(f"running: {shlex.join(command[1:])}")
+    debug = "--debug" in args or os.environ.get("NEFTUNE_DEBUG") == "1"
     with tempfile.TemporaryDirectory(prefix="neftune-exit-") as codes:
-        child = subprocess.Popen(command, env={**os.environ, EXIT_CODE_DIR: codes})
+        child = subprocess.Popen(command, env={**os.environ, EXIT_CODE_DIR: codes},
+                                 stderr=None if debug else subprocess.PIPE, text=True, errors="replace")
         # A scheduler's SIGTERM may reach only us: pass it on (torchrun passes it to every rank).
         signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the ranks through the terminal already
+        held = [] if debug else _relay_ranks(child.stderr)
         launcher = child.wait()
         ranks = [int(p.read_text()) for p in Path(codes).iterdir()]
     failed = [c for c in ranks if c]
     # a specific code (2 usage, 130/143 signals) over the generic 1 of ranks that failed because another did
-    sys.exit(next((c for c in failed if c != EXIT_RUNTIME), failed[0] if failed else launcher))
+    code = next((c for c in failed if c != EXIT_RUNTIME), failed[0] if failed else launcher)
+    if code in (0, EXIT_RUNTIME) or not failed:  # torchrun's report helps only where our ranks said nothing specific
+        sys.stderr.writelines(held)
+    sys.exit(code)
+
+
+# torchrun's own log lines ("W1203 12:00:00.123 4567 torch/distributed/...] ...")
+_TORCHRUN_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ .*torch/distributed/")
+
+
+def _relay_ranks(stream) -> list[str]:
+    """Pass the ranks' lines (they share torchrun's stderr) on as they come; hold torchrun's own log lines and the
+    ChildFailedError traceback it prints after the ranks have ended, for run_torchrun to drop where a rank has
+    already said what went wrong (one error line, not a traceback after it)."""
+    held: list[str] = []
+    tail = False  # from torchrun's traceback on, everything is its report
+    for line in stream:
+        tail = tail or line.startswith("Traceback (most recent call last)")
+        if tail or _TORCHRUN_LOG.match(line):
+            held.append(line)
+        else:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    return held

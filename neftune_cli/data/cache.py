@@ -19,6 +19,7 @@ from pathlib import Path
 from neftune_cli.data.report import Report
 from neftune_cli.data.sources import Source
 from neftune_cli.data.tokenize import Encoder
+from neftune_cli.io import faults
 from neftune_cli.io.atomic import atomic_dir, clean_stale
 from neftune_cli.io.cache_dir import cache_root
 from neftune_cli.io.errors import first_line
@@ -98,6 +99,7 @@ def save(fp: str, train, held, report: Report) -> Path:
     clean_stale(final.parent)
     with atomic_dir(final, is_complete=lambda folder: (folder / REPORT).is_file()) as tmp:
         train.save_to_disk(str(tmp / "train"))
+        faults.checkpoint("cache-write")
         if held is not None:
             held.save_to_disk(str(tmp / "eval"))
         # Last: the report marks the entry complete.

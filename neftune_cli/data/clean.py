@@ -9,8 +9,6 @@ in their order, in the input's format -> report.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +17,10 @@ from typing import Any
 from neftune_cli.data.filters import FILTERS, Rules, View
 from neftune_cli.data.formats import BadRecord, EmptyText, Fields, OneSided, detect, parse
 from neftune_cli.data.rouge import near_duplicates
-from neftune_cli.data.sources import EXTENSIONS, Source
-from neftune_cli.io.atomic import TMP_PREFIX, atomic_file
+from neftune_cli.data.sources import EXTENSIONS, Source, looks_like_path
+from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.errors import DataError, UsageError
+from neftune_cli.io.outputs import check_output_file
 from neftune_cli.recipe.schema import SourceSection
 
 EXAMPLES = 5  # examples per filter in the report
@@ -66,6 +65,8 @@ def plan_path(path: str, out: Path | None, *, fmt: str, fields: dict[str, str] |
     """IN is a file (OUT a file), a folder (OUT a folder, same layout) or a hub dataset (OUT a file)."""
     spec = SourceSection(path=path, format=fmt, fields=fields)
     source = Source(spec)
+    if not source.local and looks_like_path(path):
+        raise UsageError(f"{path}: file not found")
     if not source.local:
         return _checked([Unit(spec, 0, out)], [], overwrite)
     root = Path(path)
@@ -101,7 +102,9 @@ def plan_recipe(specs: list[SourceSection], out_dir: Path | None, *, overwrite: 
 
 
 def check_report_path(report: Path, units: list[Unit], *, overwrite: bool) -> None:
-    _refuse(report, [Path(u.spec.path) for u in units], "--report", overwrite)
+    """Neither an input nor one of the cleaned files (a report over the cleaned data would replace it)."""
+    outs = [u.out for u in units if u.out is not None]
+    check_output_file(report, overwrite=overwrite, inputs=[Path(u.spec.path) for u in units] + outs, flag="--report")
 
 
 def _checked(units: list[Unit], inputs: list[Path], overwrite: bool) -> list[Unit]:
@@ -110,21 +113,11 @@ def _checked(units: list[Unit], inputs: list[Path], overwrite: bool) -> list[Uni
             continue
         if unit.out.suffix.lower() not in EXTENSIONS:
             raise UsageError(f"--out {unit.out}: unsupported file type; expected one of {', '.join(EXTENSIONS)}")
-        _refuse(unit.out, inputs, "--out", overwrite)
+        check_output_file(unit.out, overwrite=overwrite, inputs=inputs)
     outs = [u.out.resolve() for u in units if u.out is not None]
     if len(set(outs)) < len(outs):
         raise UsageError("--out: two inputs would be written to the same file")
     return units
-
-
-def _refuse(target: Path, inputs: list[Path], option: str, overwrite: bool) -> None:
-    for path in inputs:
-        if target.resolve() == path.resolve() or (target.exists() and os.path.samefile(target, path)):
-            raise UsageError(f"{option} {target} is an input file; write the cleaned data to a new file")
-    if target.is_dir():
-        raise UsageError(f"{option} {target} is a folder; expected a file")
-    if target.exists() and not overwrite:
-        raise UsageError(f"{option} {target} exists; pass --overwrite to replace it")
 
 
 def clean(units: list[Unit], rules: Rules, *, rouge_l: float, skip_bad: bool,
@@ -234,13 +227,8 @@ def _write_parquet(unit: Unit, kept: list[Item], positions: list[int]) -> None:
         table = pq.read_table(source).take(positions)
     else:
         table = pa.Table.from_pylist([item.value for item in kept])
-    unit.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unit.out.with_name(f"{TMP_PREFIX}{unit.out.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, unit.out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(unit.out, binary=True) as f:
+        pq.write_table(table, f)
 
 
 def _write_csv(f, values: list[dict]) -> None:

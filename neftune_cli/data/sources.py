@@ -26,6 +26,13 @@ EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
 HASH_LIMIT_BYTES = 512 * 2**20
 
 
+def looks_like_path(path: str) -> bool:
+    """Hub ids are ``name`` or ``org/name`` without a file extension; everything else is meant as a path."""
+    if path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1:
+        return True
+    return Path(path).suffix.lower() in {".json", ".jsonl", ".parquet", ".csv", ".yaml", ".txt"}
+
+
 @dataclass(frozen=True)
 class RawRecord:
     where: str  # "path: line 3" / "path: record 5"
@@ -177,12 +184,20 @@ def _read_parquet(path: Path) -> Iterator[RawRecord]:
 
 
 def _read_csv(path: Path) -> Iterator[RawRecord]:
+    """A row with more or fewer fields than the header is a bad record named by its line (csv.DictReader would
+    keep extra fields under a nameless key and fill missing ones with None)."""
     try:
         with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.reader(f)
+            header = next(reader, [])
+            rows = [(reader.line_num, row) for row in reader]
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a UTF-8 text file (invalid byte at offset {e.start})") from None
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV: {e}") from None
-    for i, row in enumerate(rows):
-        yield RawRecord(f"{path}: record {i}", row)
+    for i, (line, row) in enumerate(r for r in rows if r[1]):
+        where = f"{path}: record {i} (line {line})"
+        if len(row) != len(header):
+            yield RawRecord(where, None, f"{len(row)} fields where the header has {len(header)}")
+        else:
+            yield RawRecord(where, dict(zip(header, row, strict=True)))

@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from neftune_cli.demo import tasks as demo_tasks
+from neftune_cli.io.jsonl import json_lines
 
 
 def eval_tasks() -> list[tuple[str, dict]]:
@@ -21,7 +22,7 @@ def eval_tasks() -> list[tuple[str, dict]]:
 
 
 def read_outputs(path: Path, records: list[dict]) -> list[str]:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for _, line in json_lines(path.read_text(encoding="utf-8"))]
     if [r["instruction"] for r in rows] != [r["instruction"] for r in records]:
         raise SystemExit(f"{path}: not the answers to {demo_tasks.EVAL_FILE} (generate all of it, in order)")
     return [r["output"] for r in rows]

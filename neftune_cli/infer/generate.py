@@ -22,6 +22,7 @@ from neftune_cli.infer.target import Target
 from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.console import log, out, stdout_is_tty
 from neftune_cli.io.errors import EXIT_SIGINT, DataError, Interrupted, UsageError
+from neftune_cli.io.jsonl import json_lines
 
 # The paper generated greedily with repetition penalty 1.2 for AlpacaEval.
 PAPER_REPETITION_PENALTY = 1.2
@@ -87,12 +88,11 @@ def _read_records(path: Path) -> list:
         raise DataError(f"{path}: not a UTF-8 text file") from None
     if path.suffix == ".jsonl":
         records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+        for n, line in json_lines(text):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
         return records
     try:
         records = json.loads(text)
@@ -212,6 +212,9 @@ def run_generate(target: Target, prompts_file: Path, out_file: Path, settings: S
     model = target.load(device, merge=True)
     name = generator or target.name
     positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and settings.max_new_tokens > positions:  # decoding past the positions only wastes hours
+        raise UsageError(f"--max-new-tokens {settings.max_new_tokens} is more than the model's {positions} "
+                         "positions; lower it")
     over = sum(len(p.ids) + settings.max_new_tokens > positions for p in prompts) if positions else 0
     if over:
         log(f"warning: {over} prompts plus max_new_tokens are longer than the model's {positions} positions; "
@@ -260,7 +263,6 @@ def write_answers(path: Path, prompts: list[Prompt], answers: dict[int, Answer],
             row |= {"index": i, "prompt_tokens": len(prompts[i].ids), "output_tokens": a.output_tokens,
                     "finish_reason": a.finish_reason}
         rows.append(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as f:
         if fmt == "jsonl":
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

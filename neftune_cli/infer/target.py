@@ -18,8 +18,8 @@ import yaml
 
 from neftune_cli.data.templates import alpaca_jinja
 from neftune_cli.io.errors import UsageError, first_line
-from neftune_cli.models.loading import load_base_model, load_tokenizer
-from neftune_cli.recipe.load import validate
+from neftune_cli.models.loading import load_base_model, load_tokenizer, named_weights_errors
+from neftune_cli.recipe.load import saved_recipe, validate
 from neftune_cli.recipe.schema import DataSection, ModelSection, Recipe
 from neftune_cli.train.checkpoint import META_FILE, RunDir
 
@@ -48,7 +48,8 @@ class Target:
         if self.adapter is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(self.adapter))
+            with named_weights_errors(str(self.adapter), "cannot load the adapter in"):
+                model = PeftModel.from_pretrained(model, str(self.adapter))
             if merge and not self.model.quantization:
                 model = model.merge_and_unload()
         return model.eval()
@@ -104,6 +105,9 @@ def _run_target(path: Path) -> Target:
             raise UsageError(f"{path} is a training run with no final/ (stopped early?){hint}")
     if (weights / ADAPTER_CONFIG).is_file():
         return Target(name, recipe.model, recipe.data, recipe, adapter=weights)
+    if not (weights / "config.json").is_file():  # else transformers takes the folder for a hub id
+        raise UsageError(f"{weights}: holds neither an adapter ({ADAPTER_CONFIG}) nor a model (config.json); the "
+                         "run's weights are missing")
     # full fine-tuning: the weights are a whole model, loaded with the recipe's dtype and attention
     model = recipe.model.model_copy(update={"name_or_path": str(weights), "rope_scaling": None})
     return Target(name, model, recipe.data, recipe)
@@ -111,7 +115,7 @@ def _run_target(path: Path) -> Target:
 
 def _recipe(raw, where: Path) -> Recipe:
     try:
-        return validate(raw, str(where))
+        return validate(saved_recipe(raw), str(where))
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged file: one line naming it

@@ -3,6 +3,7 @@
 Shell scripts get plain lines (no colour, no progress bars, no wrapping); people at a terminal get rich.
 """
 
+import os
 import sys
 
 from rich.console import Console
@@ -25,3 +26,27 @@ def table(header: list[str], cells: list[list[str]]) -> list[str]:
 def log(message: str) -> None:
     """A plain log line on stderr (markup off, so brackets in data are printed as they are)."""
     err.print(message, markup=False)
+
+
+# What libraries print that concerns no user of ours: bitsandbytes' note on an optional faster CPU kernel, logged
+# at import in every command that imports peft, QLoRA or not.
+_LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+
+
+def quiet_libraries(debug: bool) -> None:
+    """A log of a scripted run holds our lines and the warnings that concern the user: off a terminal, no `\\r`
+    progress bars from transformers ("Loading weights"), the hub client or datasets; and never the notes in
+    _LIBRARY_NOISE or the libraries' deprecation notices (FutureWarning, DeprecationWarning). `--debug` keeps
+    everything. Before those libraries are imported: they read the switches then."""
+    if debug:
+        return
+    import logging
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):  # notes to the developers who call a library, not to users
+        warnings.filterwarnings("ignore", category=category)
+    for name, prefix in _LIBRARY_NOISE.items():
+        logging.getLogger(name).addFilter(lambda record, prefix=prefix: not str(record.msg).startswith(prefix))
+    if not sys.stderr.isatty():
+        for switch in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(switch, "1")

@@ -8,6 +8,7 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_SIGINT = 130
+EXIT_SIGPIPE = 141  # stdout's reader went away (`| head`): what a shell reports for cat then
 EXIT_SIGTERM = 143
 
 

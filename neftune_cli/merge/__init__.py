@@ -43,6 +43,7 @@ from pathlib import Path
 
 from neftune_cli.io.atomic import atomic_dir
 from neftune_cli.io.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RuntimeFailure, UsageError
+from neftune_cli.io.outputs import check_not_input
 from neftune_cli.merge.adapter import read_adapter, resolve_adapter_dir
 from neftune_cli.merge.base import BaseCheckpoint, resolve_base, same_base
 from neftune_cli.merge.common import ADAPTER_CONFIG, fmt_bytes, parse_dtype
@@ -51,7 +52,6 @@ from neftune_cli.merge.quantized import quantization_gap, trained_quantization
 from neftune_cli.merge.verify import check_device, verify_merge
 from neftune_cli.merge.write import (
     check_disk_space,
-    check_not_overlapping,
     check_out,
     claim,
     release,
@@ -163,7 +163,7 @@ def _merge(
         check_device(device)
 
     adapter_dir = resolve_adapter_dir(adapter)
-    check_out(out, overwrite)
+    check_out(out, overwrite, [adapter_dir, adapter.expanduser().absolute()])
     adapter_state = read_adapter(adapter_dir)
     base_spec = base if base is not None else adapter_state.config.get("base_model_name_or_path")
     if not base_spec:
@@ -171,7 +171,7 @@ def _merge(
             f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty; pass --base PATH to the base model"
         )
     base_dir = resolve_base(str(base_spec), adapter_state.config.get("revision"), explicit=base is not None)
-    check_not_overlapping(out, [adapter_dir, adapter.expanduser().absolute(), base_dir])
+    check_not_input(out, [base_dir])
     base_model = BaseCheckpoint(base_dir)
     base_model.check_not_quantized()
     recorded = adapter_state.config.get("base_model_name_or_path")

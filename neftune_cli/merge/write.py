@@ -9,7 +9,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,8 +16,10 @@ from typing import TYPE_CHECKING
 
 from neftune_cli.io import faults
 from neftune_cli.io import safetensors_io as st
-from neftune_cli.io.atomic import STALE_S, TMP_PREFIX
+from neftune_cli.io.atomic import STALE_S, TMP_PREFIX, owner_alive
+from neftune_cli.io.atomic import claim as atomic_claim
 from neftune_cli.io.errors import RuntimeFailure, UsageError
+from neftune_cli.io.outputs import check_output_dir
 from neftune_cli.merge.common import (
     SAFE_INDEX,
     TOKENIZER_DIRS,
@@ -36,12 +37,12 @@ if TYPE_CHECKING:
 _OWNER_FILE = ".neftune-merge-owner"  # in a merge's temporary folder: {"pid", "host"} of the process writing it
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise UsageError(f"output path {out} exists and is not a directory")
-        if not overwrite:
-            raise UsageError(f"output directory {out} already exists (use --overwrite to replace it)")
+def check_out(out: Path, overwrite: bool, inputs: Iterable[Path]) -> None:
+    """The output policy of io/outputs.py: not an input, not inside another of our folders, and an existing
+    folder replaced only with --overwrite when it is a merged model (or anything else) we wrote, and nothing more."""
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise UsageError(f"output path {out} exists and is not a directory")
+    check_output_dir(out, overwrite=overwrite, inputs=inputs)
     if not out.parent.exists():
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def remove_stale_temps(out: Path, log: Callable[[str], None]) -> None:
 
 def claim(tmp: Path) -> None:
     """Mark ``tmp`` as this process's work in progress (see remove_stale_temps)."""
-    (tmp / _OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+    atomic_claim(tmp, _OWNER_FILE)
 
 
 def release(tmp: Path) -> None:
@@ -90,24 +91,7 @@ def release(tmp: Path) -> None:
 
 def _owner_alive(tmp: Path) -> bool | None:
     """Whether the process that owns ``tmp`` is still running; None when that cannot be told."""
-    try:
-        info = json.loads((tmp / _OWNER_FILE).read_text())
-        pid, host = int(info["pid"]), str(info["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if host != socket.gethostname() or pid <= 0:
-        return None
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, run by another user
-        return True
-    except OSError:
-        return None
-    return True
+    return owner_alive(tmp, _OWNER_FILE)
 
 
 def _write_failure(e: OSError, path: Path | str) -> RuntimeFailure:
@@ -117,14 +101,6 @@ def _write_failure(e: OSError, path: Path | str) -> RuntimeFailure:
     if e.errno == errno.EDQUOT:
         return RuntimeFailure(f"disk quota exceeded while writing {path} (the write failed: {e.strerror or e})")
     return RuntimeFailure(f"writing {path} failed: {e.strerror or e}")
-
-
-def check_not_overlapping(out: Path, inputs: Iterable[Path]) -> None:
-    o = out.resolve()
-    for p in inputs:
-        r = p.resolve()
-        if o == r or o in r.parents:
-            raise UsageError(f"output directory {out} would replace the input {p}; choose another --out")
 
 
 def check_disk_space(folder: Path, nbytes: int) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from neftune_cli.demo import builtin
-from neftune_cli.io.errors import UsageError
+from neftune_cli.io.errors import UsageError, first_line
 from neftune_cli.models.attention import choose_kernel
 from neftune_cli.models.quantization import bnb_config, keep_cpu_layout
 from neftune_cli.recipe.schema import ModelSection, Recipe
@@ -117,14 +119,31 @@ def load_base_model(spec: ModelSection, device: torch.device, *, empty: bool = F
     # A 4-bit base is quantized as it loads onto its device (device_map); it cannot be moved afterwards.
     placement = {"quantization_config": bnb_config(spec, dtype), "device_map": {"": str(device)}} \
         if spec.quantization else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation=kernel,
-        trust_remote_code=spec.trust_remote_code, **placement,
-    )
+    with named_weights_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, attn_implementation=kernel,
+            trust_remote_code=spec.trust_remote_code, **placement,
+        )
     if not spec.quantization:
         return model.to(device)
     keep_cpu_layout(model)
     return model
+
+
+@contextmanager
+def named_weights_errors(path: str, what: str = "model.name_or_path: cannot load the weights in") -> Iterator[None]:
+    """A local model folder without its weights, or with a truncated shard, is the user's to fix (exit 2), named.
+    A hub id's OSError (the network, the hub) is left as it is. HFValidationError: a file the folder lacks made
+    the loader try the path as a hub id."""
+    from huggingface_hub.errors import HFValidationError
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError, HFValidationError) as e:
+        if not Path(path).is_dir():
+            raise
+        raise UsageError(f"{what} {path} ({first_line(e)})") from None
 
 
 def load_model(recipe: Recipe, device: torch.device, *, empty: bool = False):
@@ -148,6 +167,11 @@ def load_model(recipe: Recipe, device: torch.device, *, empty: bool = False):
         modules_to_save=lora.modules_to_save, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
         task_type="CAUSAL_LM",
     )
+    names = [name for name, _ in model.named_modules()]
+    for wanted in lora.modules_to_save or []:  # peft ignores a name that matches nothing: nothing would be trained
+        if not any(name == wanted or name.endswith(f".{wanted}") for name in names):
+            raise UsageError(f"lora.modules_to_save: {wanted!r} names no module of {type(model).__name__} (its "
+                             f"top-level modules: {', '.join(n for n in names if n and '.' not in n)})")
     try:
         return get_peft_model(model, peft_config)
     except ValueError as e:

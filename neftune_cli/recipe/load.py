@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from neftune_cli.data.sources import looks_like_path
 from neftune_cli.io.errors import RecipeError
 from neftune_cli.recipe.checks import warnings_for
 from neftune_cli.recipe.messages import describe, dotted_key, shown, suggest
@@ -149,20 +150,21 @@ def resolve_paths(recipe: Recipe, base_dir: Path, where: str | None = None) -> R
     extension) is left for the hub; anything else is a missing file and an error now, not after model loading.
     """
     recipe = recipe.model_copy(deep=True)
+    recipe.output.dir = str(Path(recipe.output.dir).expanduser())  # as data paths are: never a folder named ~
     problems = []
     model_path = recipe.model.name_or_path
     if not model_path.startswith(BUILTIN_PREFIX):
         local = _local(model_path, base_dir)
         if local is not None:
             recipe.model.name_or_path = str(local)
-        elif _looks_like_path(model_path):
+        elif looks_like_path(model_path):
             problems.append(f"model.name_or_path: folder not found: {model_path} (resolved against {base_dir})")
     for section in ("sources", "eval_sources"):
         for i, source in enumerate(getattr(recipe.data, section)):
             local = _local(source.path, base_dir)
             if local is not None:
                 source.path = str(local)
-            elif _looks_like_path(source.path):
+            elif looks_like_path(source.path):
                 problems.append(
                     f"data.{section}[{i}].path: file not found: {source.path} (resolved against {base_dir})"
                 )
@@ -177,13 +179,6 @@ def _local(path: str, base_dir: Path) -> Path | None:
     return p.resolve() if p.exists() else None
 
 
-def _looks_like_path(path: str) -> bool:
-    """Hub ids are ``name`` or ``org/name`` without a file extension; everything else is meant as a path."""
-    if path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1:
-        return True
-    return Path(path).suffix.lower() in {".json", ".jsonl", ".parquet", ".csv", ".yaml", ".txt"}
-
-
 # --- overrides -------------------------------------------------------------------------------------
 
 
@@ -193,16 +188,22 @@ def apply_override(raw: dict, item: str) -> str:
     key = key.strip()
     if not sep or not key:
         raise RecipeError(f"--set {shown(item)}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    if len(value_text.encode()) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"--set {key}: the value is longer than a recipe may be ({MAX_RECIPE_BYTES:,} bytes)")
     try:
         value = yaml.safe_load(value_text)
     except yaml.YAMLError:
         raise RecipeError(f"--set {key}: the value {shown(value_text)} is not valid YAML") from None
+    if _count_values(value, MAX_RECIPE_VALUES) > MAX_RECIPE_VALUES:  # the same bound as the file's
+        raise RecipeError(f"--set {key}: the value expands to more than {MAX_RECIPE_VALUES:,} values (YAML aliases?)")
     parts = key.split(".")
     model: type[BaseModel] | None = Recipe
     node: Any = raw
     for depth, part in enumerate(parts):
         dotted = ".".join(parts[: depth + 1])
         last = depth == len(parts) - 1
+        if not isinstance(node, dict | list):
+            raise RecipeError(f"--set {key}: {'.'.join(parts[:depth])} is {shown(node)}, not a section with keys")
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise RecipeError(f"--set {key}: {dotted} is not an index of a list of {len(node)}")
@@ -245,7 +246,17 @@ def leaves(tree: Any, prefix: str = "") -> list[str]:
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as a run records it, so that it validates when read back: lora: null under finetune:
+    full (its default section would be refused as one given)."""
+    return yaml.safe_dump(saved_recipe(recipe.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
+
+
+def saved_recipe(tree: Any) -> Any:
+    """A dumped recipe as a run records it and validate takes it back: under finetune: full the lora section means
+    nothing, and is null (runs written before this carry the default section there)."""
+    if isinstance(tree, dict) and tree.get("finetune") == "full":
+        return {**tree, "lora": None}
+    return tree
 
 
 def stable_hash(obj: Any) -> str:

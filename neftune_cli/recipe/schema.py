@@ -7,7 +7,7 @@ disk, hub or other neftune_cli import, so every stage can depend on it.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -231,7 +231,8 @@ class TrainSection(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(5e-5, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW betas, each in [0, 1).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null: no clipping.")
     precision: Literal["mixed", "pure"] = Field(
         "mixed", description="mixed: trained parameters in float32, the forward under autocast in model.dtype; "
@@ -259,7 +260,7 @@ class TrainSection(Section):
         description="Under torchrun: ddp (a model copy per process) or fsdp (FSDP2: weights, gradients and "
         "optimizer state sharded across processes, for models that do not fit one GPU). Ignored with one process.",
     )
-    seed: int = Field(0, description="Seed for initialisation, data order, dropout and noise.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed for initialisation, data order, dropout and noise.")
     log_every: int = Field(10, ge=1, description="Steps between log lines / metrics records.")
     eval_every: int | None = Field(None, ge=1, description="Steps between eval-loss runs (and one at the end).")
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (and one at the end).")
@@ -276,7 +277,7 @@ class TrainSection(Section):
 
 class OutputSection(Section):
     dir: str = Field(
-        min_length=1, pattern=r"\S", description="Run directory (relative to the current working directory)."
+        min_length=1, pattern=r"\S", description="Run directory (relative to the current working directory; ~ expands)."
     )
 
 

@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from neftune_cli.io import faults
 from neftune_cli.io.atomic import TMP_PREFIX, atomic_dir, atomic_file
 from neftune_cli.io.console import log
 from neftune_cli.io.errors import UsageError, first_line
+from neftune_cli.io.outputs import RUN_MARKER, foreign_entries
 from neftune_cli.train.metrics import METRICS_FILE
 from neftune_cli.train.trackers import TENSORBOARD_DIR, TRACKERS_FILE
 
@@ -38,11 +40,12 @@ if TYPE_CHECKING:
 
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
-RUN_MARKER = "neftune-run.json"  # what makes a folder recognisably one of our runs (and so ours to delete)
 LOCK_FILE = ".lock"
-# Everything a run directory may hold. --overwrite deletes only a folder holding nothing else.
-RUN_ENTRIES = {RUN_MARKER, LOCK_FILE, "recipe.yaml", "data_report.json", METRICS_FILE, "checkpoints", "final",
-               TENSORBOARD_DIR, TRACKERS_FILE}
+# Everything a run directory may hold at its top. --overwrite deletes only a folder holding nothing else, and
+# below the top only what the manifests of final/ and each checkpoint list (io/outputs.py).
+RUN_FILES = {RUN_MARKER, LOCK_FILE, "recipe.yaml", "data_report.json", METRICS_FILE, TRACKERS_FILE}
+RUN_ENTRIES = RUN_FILES | {"checkpoints", "final", TENSORBOARD_DIR}
+_EVENTS_PREFIX = "events.out.tfevents."  # the files TensorBoard's writer creates
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -89,13 +92,35 @@ class RunDir:
             )
 
     def _foreign_entries(self) -> list[str]:
-        """Entries of a non-empty output.dir that we did not write (everything, if it has no run marker)."""
+        """What a non-empty output.dir holds that a run did not write, at every depth (everything, if it has no
+        run marker): all of it is checked before --overwrite deletes anything."""
         if not self.root.is_dir():
             return []
         names = sorted(p.name for p in self.root.iterdir())
         if names and RUN_MARKER not in names:
             return names
-        return [n for n in names if n not in RUN_ENTRIES and not n.startswith(TMP_PREFIX)]
+        foreign = []
+        for name in names:
+            path = self.root / name
+            if name.startswith(TMP_PREFIX):
+                continue  # debris of our own crashed writes, removed under the lock
+            if name not in RUN_ENTRIES or path.is_symlink() or (name in RUN_FILES) == path.is_dir():
+                foreign.append(name)
+            elif name == "final":
+                foreign += [f"final/{f}" for f in foreign_entries(path)]
+            elif name == "checkpoints":
+                for step in sorted(path.iterdir()):
+                    if step.name.startswith(TMP_PREFIX):
+                        continue
+                    where = f"checkpoints/{step.name}"
+                    if not _STEP_DIR.match(step.name) or step.is_symlink() or not step.is_dir():
+                        foreign.append(where)
+                    else:
+                        foreign += [f"{where}/{f}" for f in foreign_entries(step)]
+            elif name == TENSORBOARD_DIR:
+                foreign += [f"{name}/{p.name}" for p in sorted(path.iterdir())
+                            if not p.name.startswith(_EVENTS_PREFIX) or p.is_symlink() or not p.is_file()]
+        return foreign
 
     def prepare(self, *, resume: bool, overwrite: bool) -> None:
         """Under the lock: clear what crashed writes left; unless resuming, start a new run here."""
@@ -140,7 +165,11 @@ class RunDir:
 
     def prune(self, keep_last: int) -> None:
         for step in self.checkpoint_steps()[:-keep_last]:
-            shutil.rmtree(self.checkpoints / f"step-{step}", ignore_errors=True)
+            folder = self.checkpoints / f"step-{step}"
+            if foreign := foreign_entries(folder):
+                log(f"warning: kept {folder}: it holds {foreign[0]!r}, which neftune did not write")
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 
@@ -194,7 +223,28 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         weights.update(read(name, load_file))
     state = read(STATE_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True))
     meta = read(META_FILE, lambda p: json.loads(p.read_text()))
+    if problem := _state_problem(state, weights):
+        raise CorruptCheckpoint(f"{folder / STATE_FILE}: {problem}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("recipe"), dict) or "step" not in meta:
+        raise CorruptCheckpoint(f"{folder / META_FILE}: not the meta.json of a checkpoint")
     return Checkpoint(folder, weights, state, meta)
+
+
+def _state_problem(state, weights: dict[str, torch.Tensor]) -> str | None:
+    """What makes a trainer state unusable for these weights (damaged, or another run's), before the model is
+    built: the optimizer's moments must be shaped like weights of this checkpoint."""
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "step"} <= set(state):
+        return "not a trainer state (optimizer, scheduler, rng, step)"
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
+            or not isinstance(optimizer.get("param_groups"), list):
+        return "the optimizer state is damaged"
+    shapes = Counter(tuple(w.shape) for w in weights.values())
+    moments = Counter(tuple(m["exp_avg"].shape) for m in optimizer["state"].values()
+                      if isinstance(m, dict) and isinstance(m.get("exp_avg"), torch.Tensor))
+    if moments - shapes:
+        return "the optimizer state does not fit this checkpoint's weights (from another run?)"
+    return None
 
 
 def latest_intact_checkpoint(run: RunDir) -> Checkpoint:

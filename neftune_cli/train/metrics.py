@@ -9,6 +9,7 @@ from pathlib import Path
 
 from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.errors import DataError, UsageError
+from neftune_cli.io.jsonl import json_lines
 from neftune_cli.recipe.schema import Recipe
 from neftune_cli.train.trackers import log_to, open_trackers
 
@@ -30,13 +31,11 @@ class MetricsLog:
         path = run_root / METRICS_FILE
         self._already_logged = set()
         if start_step and path.exists():
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
-            records = [json.loads(line) for line in lines]
+            records = read_metrics(run_root)  # a damaged line is named
             self._already_logged = {(r["step"], "eval" if "eval_loss" in r else "train") for r in records
                                     if r["step"] > start_step}
             with atomic_file(path) as f:
-                f.write("".join(line + "\n" for line, r in zip(lines, records, strict=True)
-                                if r["step"] <= start_step))
+                f.write("".join(json_line(r) for r in records if r["step"] <= start_step))
         self._trackers = open_trackers(run_root, recipe, start_step)
         self._file = path.open("a", encoding="utf-8")
 
@@ -56,13 +55,30 @@ def read_metrics(run: Path) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"{run}: no metrics.jsonl (not a training run?)")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path}: line {n}: invalid JSON") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file") from None
+    for n, line in json_lines(text):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: line {n}: invalid JSON") from None
+        if not isinstance(record, dict) or not _is_number(record.get("step")):
+            raise DataError(f"{path}: line {n}: expected an object with a \"step\" number")
+        for key, value in record.items():
+            if key in _NUMBERS and value is not None and not _is_number(value):
+                raise DataError(f"{path}: line {n}: {key}: expected a number, got {json.dumps(value)[:40]}")
+        records.append(record)
     return records
+
+
+_NUMBERS = {"step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens", "trained_tokens", "tokens_per_s",
+            "noise_norm", "elapsed_s"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def log_line(record: dict) -> str:

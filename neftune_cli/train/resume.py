@@ -10,6 +10,7 @@ import torch
 from neftune_cli.data.pipeline import PreparedData
 from neftune_cli.io.console import log
 from neftune_cli.io.errors import UsageError
+from neftune_cli.recipe.load import saved_recipe
 from neftune_cli.recipe.schema import Recipe
 from neftune_cli.train import parallel
 from neftune_cli.train.checkpoint import Checkpoint
@@ -26,7 +27,10 @@ def check_resumable(checkpoint: Checkpoint, recipe: Recipe, data: PreparedData, 
         raise UsageError(f"--resume: {checkpoint.folder} was written by {written_by} process(es); resume with the "
                          f"same number (this run has {dist.world})")
     changes = []
-    before, now = flatten(with_defaults(meta["recipe"])), flatten(recipe.model_dump(mode="json"))
+    before, now = with_defaults(meta["recipe"]), saved_recipe(recipe.model_dump(mode="json"))
+    if meta["data_fingerprint"] == data.fingerprint:  # the same data (by content): where it lives is no change
+        before, now = _without_locations(before), _without_locations(now)
+    before, now = flatten(before), flatten(now)
     for key in sorted(set(before) | set(now)):
         if key not in RESUME_SAFE_KEYS and before.get(key) != now.get(key):
             changes.append(f"{key}: {json.dumps(before.get(key))} -> {json.dumps(now.get(key))}")
@@ -41,12 +45,24 @@ def check_resumable(checkpoint: Checkpoint, recipe: Recipe, data: PreparedData, 
         log(f"warning: resuming despite a change (--force): {change}")
 
 
+def _without_locations(tree: dict) -> dict:
+    """The recipe without the data's paths and output.dir, which a moved project changes (the data fingerprint
+    covers the data's content, and output.dir is where this checkpoint was found)."""
+    tree = json.loads(json.dumps(tree))
+    tree.get("output", {}).pop("dir", None)
+    for section in ("sources", "eval_sources"):
+        for source in tree.get("data", {}).get(section) or []:
+            if isinstance(source, dict):
+                source.pop("path", None)
+    return tree
+
+
 def with_defaults(saved: dict) -> dict:
     """A recipe saved by an earlier version, with the keys added since at their defaults (which is how it ran)."""
     try:
-        return Recipe.model_validate(saved).model_dump(mode="json")
+        return Recipe.model_validate(saved_recipe(saved)).model_dump(mode="json")
     except ValueError:  # a key since removed or renamed: compare as saved, and the change is named
-        return saved
+        return saved_recipe(saved)
 
 
 def flatten(tree, prefix: str = "") -> dict:
