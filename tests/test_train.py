@@ -322,6 +322,27 @@ def test_resume_equals_an_uninterrupted_run(cli, workdir, monkeypatch):
         assert torch.equal(a[k], b[k]), k  # bitwise on CPU fp32
 
 
+def test_a_run_begun_before_manifests_resumes(cli, workdir, monkeypatch):
+    """An earlier version wrote no manifests into checkpoints: its run still resumes (its files are known by name),
+    and a file of the user's in such a checkpoint is still not ours to prune or overwrite."""
+    from neftune_cli.io.outputs import MANIFEST
+
+    cut = make_recipe(workdir, "cut.yaml", "cut")
+    stop_after(monkeypatch, 3)
+    assert cli("train", str(cut))[0] == 143
+    monkeypatch.undo()
+    for manifest in (workdir / "cut").rglob(MANIFEST):
+        manifest.unlink()
+    code, _, err = cli("train", str(cut), "--resume")
+    assert code == 0, err
+    (workdir / "cut" / "checkpoints" / "step-2" / "notes.txt").write_text("mine")
+    for manifest in (workdir / "cut").rglob(MANIFEST):
+        manifest.unlink()
+    code, _, err = cli("train", str(cut), "--overwrite")
+    assert code == 2 and "checkpoints/step-2/notes.txt" in err, err
+    assert (workdir / "cut" / "checkpoints" / "step-2" / "notes.txt").read_text() == "mine"
+
+
 def tensorboard_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of every event TensorBoard shows for `tag`, in order: a step logged twice shows twice."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

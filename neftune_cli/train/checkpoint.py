@@ -31,7 +31,7 @@ from neftune_cli.io import faults
 from neftune_cli.io.atomic import TMP_PREFIX, atomic_dir, atomic_file
 from neftune_cli.io.console import log
 from neftune_cli.io.errors import UsageError, first_line
-from neftune_cli.io.outputs import RUN_MARKER, foreign_entries
+from neftune_cli.io.outputs import RUN_MARKER, foreign_entries, manifest_files
 from neftune_cli.train.metrics import METRICS_FILE
 from neftune_cli.train.trackers import TENSORBOARD_DIR, TRACKERS_FILE
 
@@ -47,6 +47,22 @@ RUN_FILES = {RUN_MARKER, LOCK_FILE, "recipe.yaml", "data_report.json", METRICS_F
 RUN_ENTRIES = RUN_FILES | {"checkpoints", "final", TENSORBOARD_DIR}
 _EVENTS_PREFIX = "events.out.tfevents."  # the files TensorBoard's writer creates
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# What final/ and a checkpoint held before folders carried a manifest (io/outputs.py): a run begun with an earlier
+# version still resumes, is overwritten and pruned, and a file of the user's in it is still not ours.
+_LEGACY_FILES = re.compile(
+    r"README\.md|adapter_config\.json|adapter_model\.(safetensors|bin)|config\.json|generation_config\.json"
+    r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|chat_template\.(jinja|json)"
+    r"|special_tokens_map\.json|tokenizer(_config)?\.json|tokenizer\.model|added_tokens\.json|vocab\.(json|txt)"
+    r"|merges\.txt|" + re.escape(STATE_FILE) + "|" + re.escape(META_FILE))
+
+
+def foreign_in_saved(folder: Path) -> list[str]:
+    """What final/ or a checkpoint holds that we did not write: by its manifest, or by name in a folder written
+    before manifests."""
+    if manifest_files(folder) is not None or folder.is_symlink() or not folder.is_dir():
+        return foreign_entries(folder)
+    return [p.name for p in sorted(folder.iterdir())
+            if p.is_symlink() or not p.is_file() or not _LEGACY_FILES.fullmatch(p.name)]
 
 
 class RunDir:
@@ -107,7 +123,7 @@ class RunDir:
             if name not in RUN_ENTRIES or path.is_symlink() or (name in RUN_FILES) == path.is_dir():
                 foreign.append(name)
             elif name == "final":
-                foreign += [f"final/{f}" for f in foreign_entries(path)]
+                foreign += [f"final/{f}" for f in foreign_in_saved(path)]
             elif name == "checkpoints":
                 for step in sorted(path.iterdir()):
                     if step.name.startswith(TMP_PREFIX):
@@ -116,7 +132,7 @@ class RunDir:
                     if not _STEP_DIR.match(step.name) or step.is_symlink() or not step.is_dir():
                         foreign.append(where)
                     else:
-                        foreign += [f"{where}/{f}" for f in foreign_entries(step)]
+                        foreign += [f"{where}/{f}" for f in foreign_in_saved(step)]
             elif name == TENSORBOARD_DIR:
                 foreign += [f"{name}/{p.name}" for p in sorted(path.iterdir())
                             if not p.name.startswith(_EVENTS_PREFIX) or p.is_symlink() or not p.is_file()]
@@ -166,7 +182,7 @@ class RunDir:
     def prune(self, keep_last: int) -> None:
         for step in self.checkpoint_steps()[:-keep_last]:
             folder = self.checkpoints / f"step-{step}"
-            if foreign := foreign_entries(folder):
+            if foreign := foreign_in_saved(folder):
                 log(f"warning: kept {folder}: it holds {foreign[0]!r}, which neftune did not write")
                 continue
             shutil.rmtree(folder, ignore_errors=True)
