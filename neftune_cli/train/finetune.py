@@ -23,7 +23,15 @@ from neftune_cli.data.pipeline import PreparedData, prepare
 from neftune_cli.io import faults
 from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.console import log, out, stdout_is_tty
-from neftune_cli.io.errors import EXIT_SIGINT, EXIT_SIGTERM, OOM_HINT, Interrupted, RuntimeFailure, UsageError
+from neftune_cli.io.errors import (
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    OOM_HINT,
+    Interrupted,
+    RuntimeFailure,
+    UsageError,
+    first_line,
+)
 from neftune_cli.models.loading import (
     load_model,
     load_tokenizer,
@@ -36,6 +44,7 @@ from neftune_cli.models.serving_files import tokenizer_files
 from neftune_cli.recipe.load import LoadedRecipe, recipe_to_yaml
 from neftune_cli.train import parallel
 from neftune_cli.train.checkpoint import (
+    STATE_FILE,
     Checkpoint,
     RunDir,
     latest_intact_checkpoint,
@@ -211,10 +220,15 @@ class FineTune:
 
     def restore(self) -> int:
         """The optimizer, schedule and random streams of the checkpoint; returns its step."""
-        state = self.resume_from.state
-        parallel.load_optimizer_state(self.forward, self.optimizer, state["optimizer"], self.dist)
-        self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"][self.dist.rank], self.noise_generator)
+        state, where = self.resume_from.state, self.resume_from.folder / STATE_FILE
+        try:  # what the structural check at read time cannot see: a state that is well formed but not this run's
+            parallel.load_optimizer_state(self.forward, self.optimizer, state["optimizer"], self.dist)
+            self.scheduler.load_state_dict(state["scheduler"])
+            restore_rng(state["rng"][self.dist.rank], self.noise_generator)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+            raise UsageError(f"{where}: cannot restore the optimizer, schedule and random state from it "
+                             f"({type(e).__name__}: {first_line(e)}); move that checkpoint away to resume from the "
+                             "one before it") from None
         log(f"resume: from {self.resume_from.folder} (step {state['step']} of {self.schedule.total_steps})")
         return state["step"]
 
