@@ -343,6 +343,20 @@ def test_a_run_begun_before_manifests_resumes(cli, workdir, monkeypatch):
     assert (workdir / "cut" / "checkpoints" / "step-2" / "notes.txt").read_text() == "mine"
 
 
+def test_an_optimizer_state_that_does_not_load_is_named(cli, workdir, monkeypatch):
+    """Well formed (it passes the structural check at read time) but not this run's: exit 2 naming the file."""
+    cut = make_recipe(workdir, "cut.yaml", "cut")
+    stop_after(monkeypatch, 3)
+    assert cli("train", str(cut))[0] == 143
+    monkeypatch.undo()
+    path = workdir / "cut" / "checkpoints" / "step-3" / "trainer_state.pt"
+    state = torch.load(path, weights_only=False)
+    state["optimizer"]["param_groups"][0]["params"] = state["optimizer"]["param_groups"][0]["params"][:-1]
+    torch.save(state, path)
+    code, _, err = cli("train", str(cut), "--resume")
+    assert code == 2 and err.count("error:") == 1 and f"{path}: cannot restore the optimizer" in err, err
+
+
 def tensorboard_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of every event TensorBoard shows for `tag`, in order: a step logged twice shows twice."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
