@@ -236,7 +236,7 @@ def test_nproc_and_generate_options_pass_through_to_each_run(cli, work, monkeypa
         'output.dir="runs/neftune.alpha=0"', "--nproc", "2"]
     assert sweeps.generate_command(plan, first) == [
         "generate", "runs/neftune.alpha=0", "--prompts", "prompts.jsonl", "--out", "runs/answers/neftune.alpha=0.json",
-        "--max-new-tokens", "16"]
+        "--overwrite", "--max-new-tokens", "16"]
 
 
 def test_grid_values_keep_commas_inside_brackets_and_quotes():

@@ -175,8 +175,10 @@ def train_command(sweep: Sweep, c: Combination) -> list[str]:
 
 
 def generate_command(sweep: Sweep, c: Combination) -> list[str]:
+    # answers/ is the sweep's own (sweep_state admits no foreign entry in its folder): a retrained run's answers
+    # replace the ones of its previous training
     return ["generate", str(sweep.run_dir(c)), "--prompts", str(sweep.generate), "--out", str(sweep.answers(c)),
-            *sweep.generate_args]
+            "--overwrite", *sweep.generate_args]
 
 
 # --- sweep.json ------------------------------------------------------------------------------------------------
@@ -346,7 +348,7 @@ def collect(sweep: Sweep) -> list[dict]:
     else:
         from neftune_cli.analysis.plot import plot_curves
 
-        plot_curves([sweep.run_dir(c) for c in done], sweep.root / PLOT_FILE)
+        plot_curves([sweep.run_dir(c) for c in done], sweep.root / PLOT_FILE, overwrite=True)  # the sweep's own
         log(f"sweep: loss curves in {sweep.root / PLOT_FILE}")
     return rows
 
