@@ -80,6 +80,10 @@ bench full-1b benchmarks/train.py --model "$full" --label "$full full" --finetun
 bench generate-7b benchmarks/generate.py --model "$l7" --tokenizer "$DATA/llama2-tokenizer" \
   --prompts-file "$DATA/alpaca_eval_instructions.json" "${gen[@]}" --json "$OUT/generate-7b.json"
 
-ls "${written[@]}" >/dev/null 2>&1 || { echo "gpu.sh: a benchmark wrote no numbers: see $OUT/log.txt" >&2; }
-"$PYTHON" benchmarks/table.py $(ls "${written[@]}" 2>/dev/null) | tee "$OUT/table.txt"
+numbers=()
+for f in "${written[@]}"; do  # in the order they ran
+  if [ -f "$f" ]; then numbers+=("$f"); else echo "gpu.sh: no $f (see $OUT/log.txt)" >&2; fi
+done
+[ ${#numbers[@]} -gt 0 ] || exit 1
+"$PYTHON" benchmarks/table.py "${numbers[@]}" | tee "$OUT/table.txt"
 echo "numbers: $OUT/*.json, table: $OUT/table.txt, log: $OUT/log.txt"

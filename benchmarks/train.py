@@ -269,6 +269,8 @@ class Bases:
 
 
 def main() -> None:
+    from neftune_cli.train.flops import peak_flops
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(shapes.SHARED / "models" / "stories260K"),
                     help=f"local HF folder, builtin:tiny-llama, or a random model of a real shape: "
@@ -315,7 +317,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak = __import__("neftune_cli.train.flops", fromlist=["peak_flops"]).peak_flops(device)
+    peak = peak_flops(device)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
