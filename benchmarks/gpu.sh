@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU comparison in one call on a bare CUDA box with no package index: ours vs TRL's SFTTrainer (NEFTune alpha
-# 5; TRL padded and padding_free), bf16 autocast, Alpaca lengths (the first 2,000 records, Llama-2 tokenizer),
+# 5; TRL padded and padding_free), bf16 autocast, Alpaca lengths (the first 1,000 records, Llama-2 tokenizer),
 # random weights of real shapes (benchmarks/shapes.py, built on the GPU, no download). One table at the end
 # (benchmarks/table.py): real tokens/s, MFU, peak memory, ratios, for
 #   LoRA r 16 all-linear on the Llama-2-7B shape: ours pad, pack (sdpa), pack (flex_attention); TRL pad, padding_free
-#   LoRA on the Llama-3-8B shape: ours pad, pack; TRL pad, padding_free
+#   LoRA on the Llama-3-8B shape: ours pack; TRL pad, padding_free
 #   QLoRA (NF4, double quantization) on the 7B shape: ours pack; TRL padding_free
 #   full fine-tuning on a ~1B shape (TinyLlama-1.1B's): ours pack; TRL padding_free
 #   generation on the 7B shape: ours batched vs a per-prompt model.generate loop
@@ -16,11 +16,12 @@
 #   bash benchmarks/gpu.sh                        # on the GPU box (OUT: where the numbers go, default runs/bench-gpu)
 #   NEFTUNE_BENCH_TINY=1 bash benchmarks/gpu.sh   # every step on a CPU with a tiny model: tries the script
 #
-# Time on one H200, estimated (never run on one yet): 12 steps per run (2 untimed) of ~8K tokens; a 7B LoRA step
-# needs ~4 x 6.7e9 FLOPs per token, ~0.6 s at 40% of 989 TFLOP/s, so ~8 s per run plus ~10 s set-up: 7B ~2 min
-# (5 runs, flex compiling), 8B ~1.5 min, QLoRA ~2 min (13 GB written and quantized on load, slower steps), 1B full
-# ~0.5 min, generation ~0.7 min (16 prompts x 64 tokens, the loop ~25 ms a token), ~1 min of interpreter starts:
-# ~7 minutes.
+# Time on one H200, estimated from sizes (never run on one yet): 12 steps per run (2 untimed) of ~8K tokens; a 7B
+# LoRA step needs ~4 x 6.7e9 FLOPs per token x 8K tokens, ~0.6 s at 40% of 989 TFLOP/s, so ~8 s of steps per run
+# plus ~10 s of set-up (tokenizing 1,000 examples, checks, saving the adapter): 7B ~2.5 min (5 runs, flex_attention
+# compiling, the model built once), 8B ~1.2 min (3 runs), QLoRA ~2 min (13 GB written, then quantized as it loads;
+# slower steps), 1.1B full ~0.8 min, generation ~0.6 min (16 prompts x 32 tokens, the loop ~25 ms a token, 7B
+# built once more), ~1 min of interpreter starts: ~7.5 minutes. Over 8: lower --steps in `train` below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -56,9 +57,9 @@ if [ -n "${NEFTUNE_BENCH_TINY:-}" ]; then
   gen=(--prompts 4 --batch-size 4 --max-new-tokens 8 --repeats 1 --threads 1)
 else
   l7=llama2-7b-random l8=llama3-8b-random full=llama-1b-random
-  train=(--examples 2000 --micro-batch 16 --pack-tokens 8192 --steps 10 --warmup 2 --max-seq-len 512)
+  train=(--examples 1000 --micro-batch 16 --pack-tokens 8192 --steps 10 --warmup 2 --max-seq-len 512)
   flex=(--flex)  # packed rows with flex_attention next to sdpa's dense mask: which one packing should use
-  gen=(--prompts 16 --batch-size 16 --max-new-tokens 64 --repeats 1)
+  gen=(--prompts 16 --batch-size 16 --max-new-tokens 32 --repeats 1)
 fi
 
 written=()
@@ -72,7 +73,7 @@ bench() {  # name, then train.py's or generate.py's arguments; its log goes to $
 bench lora-7b benchmarks/train.py --model "$l7" --label "$l7 LoRA" "${data[@]}" "${train[@]}" "${flex[@]}" \
   --json "$OUT/lora-7b.json"
 [ -z "$l8" ] || bench lora-8b benchmarks/train.py --model "$l8" --label "$l8 LoRA" "${data[@]}" "${train[@]}" \
-  --json "$OUT/lora-8b.json"
+  --runs ours:pack,trl:pad,trl:padding_free --json "$OUT/lora-8b.json"
 bench qlora-7b benchmarks/train.py --model "$l7" --label "$l7 QLoRA nf4" --quantization nf4 "${data[@]}" \
   "${train[@]}" --runs ours:pack,trl:padding_free --json "$OUT/qlora-7b.json"
 bench full-1b benchmarks/train.py --model "$full" --label "$full full" --finetune full "${data[@]}" "${train[@]}" \
