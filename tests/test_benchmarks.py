@@ -14,17 +14,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REPO / "benchmarks" / "data").is_dir(), reason="no benchmarks/data (make gpu-data)")
-def test_gpu_benchmark_script_runs_every_system(tmp_path):
-    env = {**os.environ, "NEFTUNE_BENCH_TINY": "1", "PYTHON": sys.executable, "OUT": str(tmp_path)}
+def test_gpu_benchmark_script_runs_every_system(tmp_path, tiny_tokenizer):
+    """gpu.sh's tiny branch end to end, on a stand-in for benchmarks/data (make gpu-data): demo records, the builtin
+    tokenizer."""
+    data = tmp_path / "data"
+    (data / "llama2-tokenizer").mkdir(parents=True)
+    records = [json.loads(line) for line in (REPO / "recipes" / "data" / "demo.jsonl").read_text().splitlines()]
+    (data / "alpaca_data_first2k.json").write_text(json.dumps(records[:64]))
+    (data / "alpaca_eval_instructions.json").write_text(json.dumps(
+        [{"instruction": r["instruction"], "dataset": "demo"} for r in records[64:72]]))
+    tiny_tokenizer.save_pretrained(data / "llama2-tokenizer")
+    env = {**os.environ, "NEFTUNE_BENCH_TINY": "1", "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "DATA": str(data)}
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True,
                           timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    runs = json.loads((tmp_path / "lora-7b.json").read_text())["runs"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "out"
+    runs = json.loads((out / "lora-7b.json").read_text())["runs"]
     assert {(r["system"], r["batching"]) for r in runs} == {
         ("ours", "pack"), ("ours", "pad"), ("trl", "pad"), ("trl", "padding_free")}
-    assert all("error" not in r and r["tokens_per_s"] > 0 for r in runs), runs
-    assert all(f"tiny-random {kind}" in (tmp_path / "table.txt").read_text() for kind in ("LoRA", "QLoRA", "full"))
+    for name in ("lora-7b", "qlora-7b", "full-1b", "generate-7b"):
+        runs = json.loads((out / f"{name}.json").read_text())["runs"]
+        assert runs and all("error" not in r and r["tokens_per_s"] > 0 for r in runs), (name, runs)
+    table = (out / "table.txt").read_text()
+    assert all(f"tiny-random {kind}" in table for kind in ("LoRA", "QLoRA", "full")) and "generate" in table
 
 
 def test_gpu_table_compares_like_for_like():
