@@ -206,6 +206,8 @@ def run_trl(c: dict, base, tokenizer) -> dict:
     try:
         trainer.train()
     finally:
+        if getattr(trainer, "neftune_hook_handle", None) is not None:
+            trainer.neftune_hook_handle.remove()  # the Trainer removes its noise hook only when training ends well
         without_adapter(trainer.model)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] > c["warmup"]]
     return {**rate(marks, c["warmup"]), "mean_loss": sum(losses) / len(losses)}
