@@ -35,6 +35,7 @@ def build(shape: str, dtype: torch.dtype, device: torch.device, attn_implementat
     """The model, random-initialised where it runs (on a GPU: seconds, and nothing written to disk)."""
     from transformers import AutoModelForCausalLM
 
+    torch.manual_seed(0)  # the same weights in every process: runs of the benchmark compare
     with device:
         return AutoModelForCausalLM.from_config(config_of(shape), dtype=dtype, attn_implementation=attn_implementation)
 
