@@ -1,4 +1,4 @@
-# make install | test | test-tf4 | demo | lint | bench. Each target installs what it needs itself.
+# make install | test | test-tf4 | demo | lint | bench | gpu-wheels. Each target installs what it needs itself.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ TF4 ?= transformers==4.57.*
 # Set TORCH to pick a build before installing, e.g. `make install TORCH=torch==2.13.0` (CPU wheel on our CI).
 TORCH ?=
 
-.PHONY: install test test-tf4 demo lint bench bench-gpu clean
+.PHONY: install test test-tf4 demo lint bench bench-gpu gpu-wheels gpu-data clean
 # `make demo` answers the held-out demo prompts before and after fine-tuning with these settings.
 DEMO_GENERATE := --prompts recipes/data/demo_eval.jsonl --format jsonl --repetition-penalty 1 \
 	--max-new-tokens 32 --batch-size 50
@@ -47,9 +47,31 @@ bench: install
 	$(BIN)/python benchmarks/generate.py --threads 1
 	$(BIN)/python benchmarks/train.py
 
-# On a GPU box: ours vs TRL on Llama-2-7B and Llama-3-8B shapes (see the script for carrying wheels to a bare image).
+# On a GPU box: ours vs TRL, LoRA/QLoRA/full fine-tuning and generation, one table. `make gpu-wheels` first, here.
 bench-gpu:
 	bash benchmarks/gpu.sh
+
+# What benchmarks/gpu.sh needs on a bare CUDA image with no package index, into two git-ignored folders that travel
+# with the tree: the wheels the image lacks (benchmarks/gpu-requirements.txt, no torch or CUDA libraries, no deps
+# resolved here) for GPU_PYTHON on manylinux x86_64, and the Alpaca subset, AlpacaEval prompts and Llama-2
+# tokenizer from SHARED_DATA.
+GPU_PYTHON ?= 3.12
+SHARED_DATA ?= ../shared/data
+GPU_PLATFORMS := $(foreach n,2014 _2_17 _2_24 _2_28,--platform manylinux$(n)_x86_64)
+gpu-wheels: gpu-data
+	rm -rf benchmarks/wheels
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version $(GPU_PYTHON) \
+		$(GPU_PLATFORMS) -d benchmarks/wheels -r benchmarks/gpu-requirements.txt
+	@du -sh benchmarks/wheels benchmarks/data
+
+gpu-data:
+	@test -f $(SHARED_DATA)/alpaca/alpaca_data_first2k.json || { echo "no $(SHARED_DATA)/alpaca: set SHARED_DATA"; exit 2; }
+	rm -rf benchmarks/data
+	mkdir -p benchmarks/data/llama2-tokenizer
+	install -m 644 $(SHARED_DATA)/alpaca/alpaca_data_first2k.json $(SHARED_DATA)/alpaca_eval/alpaca_eval_instructions.json \
+		benchmarks/data/
+	install -m 644 $(SHARED_DATA)/tokenizers/llama2/*.json $(SHARED_DATA)/tokenizers/llama2/tokenizer.model \
+		benchmarks/data/llama2-tokenizer/
 
 clean:
 	rm -rf runs merged .pytest_cache
