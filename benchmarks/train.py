@@ -123,7 +123,7 @@ def run_ours(c: dict, base) -> dict:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     built = []
 
-    def base_model(spec, device):
+    def base_model(spec, device, empty=False):  # one process: never the meta-device build FSDP asks for
         base.set_attn_implementation(spec.attn_implementation)
         return base
 
