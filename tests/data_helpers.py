@@ -8,6 +8,7 @@ an example in that spirit: tokens separated by spaces, trained runs in ``[...]``
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from neftune_cli.recipe.load import validate
@@ -100,3 +101,13 @@ def prepared(tmp_path: Path, records: list, tokenizer, name: str = "data.jsonl",
 
     source = {"path": str(write_jsonl(tmp_path / name, records)), **data.pop("source", {})}
     return prepare(recipe([source], **data), tokenizer, log=log or (lambda message: None))
+
+
+def save_with_tokenizer(model, folder: Path, tokenizer_dir: Path) -> Path:
+    """A model folder as a hub download looks: `model`'s weights and config beside the tokenizer files (and chat
+    template) of `tokenizer_dir`, e.g. a random model of another family with the builtin tokenizer."""
+    model.save_pretrained(folder)
+    for file in tokenizer_dir.iterdir():
+        if "token" in file.name or file.suffix == ".jinja":
+            shutil.copy(file, folder / file.name)
+    return folder

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_helpers import save_with_tokenizer
 from safetensors.torch import load_file
 
 from neftune_cli.demo import tasks as demo_tasks
@@ -206,8 +207,6 @@ def test_fsdp_never_holds_the_whole_model_on_a_worker(work, tiny_model_dir):
     """The FSDP model is built on the meta device on every rank and gets its weights in shards from rank 0 (which
     alone loads them, into host memory): rank 1's memory grows by about half the model, not by all of it. On a
     CPU (gloo) host memory stands in for GPU memory."""
-    import shutil
-
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -216,12 +215,8 @@ def test_fsdp_never_holds_the_whole_model_on_a_worker(work, tiny_model_dir):
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_config(config)
     size = sum(p.numel() * p.element_size() for p in model.parameters())  # 0.8 GB in float32
-    folder = work / "big"
-    model.save_pretrained(folder)
+    folder = save_with_tokenizer(model, work / "big", tiny_model_dir)
     del model
-    for file in tiny_model_dir.iterdir():
-        if "token" in file.name or file.suffix == ".jinja":
-            shutil.copy(file, folder / file.name)
 
     def peaks(model: str) -> dict[int, int]:
         path = recipe(work, f"run-{len(list(work.glob('run-*.yaml')))}", steps=1)

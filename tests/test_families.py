@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from data_helpers import save_with_tokenizer
 
 from neftune_cli.infer.generate import Settings, read_prompts, stops_for
 from neftune_cli.infer.target import resolve
@@ -67,12 +67,7 @@ def family_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
             for p in model.parameters():
                 if p.dim() > 1:
                     p.normal_(0, 0.2)
-        folder = root / family
-        model.save_pretrained(folder, safe_serialization=True)
-        for file in tiny_model_dir.iterdir():
-            if "token" in file.name or file.suffix == ".jinja":
-                shutil.copy(file, folder / file.name)
-        folders[family] = folder
+        folders[family] = save_with_tokenizer(model, root / family, tiny_model_dir)
     return folders
 
 
@@ -131,6 +126,25 @@ def test_granite_and_gemma_gains_are_compensated(family_dirs):
     assert loss_module(family_dirs["llama"]).first_layer_gain == 1.0
 
 
+def assert_merged_like_peft(merged: Path, base: Path, adapter: Path, *, exact: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of our merged folder, as transformers loads it, equals peft's merge_and_unload: bit for bit, or
+    (exact=False: fused MoE experts, merged per expert here and as one 3-D delta there) to float32 rounding.
+    Returns the merged state."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    expected = reference.merge_and_unload().state_dict()
+    got = AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    assert set(got) == set(expected)
+    for name, tensor in got.items():
+        if exact:
+            assert torch.equal(tensor, expected[name]), name
+        else:
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    return got
+
+
 def recipe_for(folder: Path, family: str, tmp_path: Path, batching: str) -> Path:
     recipe = {
         "model": {"name_or_path": str(folder)},
@@ -154,8 +168,6 @@ def _generate_benchmark():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_merge_generate(family, family_dirs, tmp_path, cli):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     folder = family_dirs[family]
     packs = attention_stays_within_examples(loss_module(folder, alpha=0))
@@ -174,12 +186,7 @@ def test_train_merge_generate(family, family_dirs, tmp_path, cli):
     merged = tmp_path / f"{family}-merged"
     code, _, err = cli("merge", run, "--out", merged)
     assert code == 0, err
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), run / "final")
-    expected = reference.merge_and_unload().state_dict()
-    got = AutoModelForCausalLM.from_pretrained(merged).state_dict()  # as transformers loads what we wrote
-    assert set(got) == set(expected)
-    for name, tensor in got.items():
-        assert torch.equal(tensor, expected[name]), name
+    assert_merged_like_peft(merged, folder, run / "final", exact=True)
 
     bench = _generate_benchmark()
     target = resolve(str(merged))
@@ -204,11 +211,7 @@ def test_a_model_that_normalises_its_embeddings_keeps_the_noise_on_them(tiny_mod
     config = BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    folder = tmp_path / "bloom"
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for file in tiny_model_dir.iterdir():
-        if "token" in file.name or file.suffix == ".jinja":
-            shutil.copy(file, folder / file.name)
+    folder = save_with_tokenizer(AutoModelForCausalLM.from_config(config), tmp_path / "bloom", tiny_model_dir)
     assert loss_module(folder).first_layer_gain is None
     code, _, err = cli("train", recipe_for(folder, "bloom", tmp_path, "pad"))
     assert code == 0, err
@@ -253,7 +256,6 @@ MOE = {
 
 @pytest.mark.parametrize("family", MOE)
 def test_moe_trains_and_merges_like_peft(family, tiny_model_dir, tmp_path, cli):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -261,11 +263,7 @@ def test_moe_trains_and_merges_like_peft(family, tiny_model_dir, tmp_path, cli):
     config = getattr(transformers, config_name)(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                                 bos_token_id=tokenizer.bos_token_id,
                                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
-    folder = tmp_path / family
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for file in tiny_model_dir.iterdir():
-        if "token" in file.name or file.suffix == ".jinja":
-            shutil.copy(file, folder / file.name)
+    folder = save_with_tokenizer(AutoModelForCausalLM.from_config(config), tmp_path / family, tiny_model_dir)
     lm_loss = loss_module(folder)
     assert forward_gap(lm_loss) < 1e-5 and lm_loss.first_layer_gain == 1.0
 
@@ -301,11 +299,6 @@ def test_moe_trains_and_merges_like_peft(family, tiny_model_dir, tmp_path, cli):
     run, merged = tmp_path / f"{family}-{batching}", tmp_path / f"{family}-merged"
     code, _, err = cli("merge", run, "--out", merged)
     assert code == 0, err
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), run / "final")
-    expected = reference.merge_and_unload().state_dict()
-    got = AutoModelForCausalLM.from_pretrained(merged).state_dict()  # as transformers loads what we wrote
-    assert set(got) == set(expected)
-    for name, tensor in got.items():
-        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    got = assert_merged_like_peft(merged, folder, run / "final", exact=False)
     assert any(not torch.equal(tensor, lm_loss.model.state_dict()[name]) for name, tensor in got.items()
                if "expert" in name)  # the experts' LoRA was merged, not dropped

@@ -148,19 +148,15 @@ class FineTune:
         if (warning := self.precision.warning(recipe.finetune)) is not None:
             log(f"warning: {warning}")
         # FSDP: every rank builds the model without weights and shards it; rank 0 alone loads them, into host memory
-        if not dist.fsdp:
-            self.model = self.loaded_model(device)
-        else:
-            source = self.loaded_model(torch.device("cpu")) if dist.main else None
-            self.model = load_model(recipe, device, empty=True)
-            self.precision.cast_trained([p for p in self.model.parameters() if p.requires_grad])
+        source = self.loaded_model(torch.device("cpu")) if dist.fsdp and dist.main else None
+        self.model = self.loaded_model(device, empty=dist.fsdp)
         self.lm_loss = CausalLMLoss(self.model, recipe.neftune.alpha, recipe.neftune.scale,
                                     router_aux_coef=self.cfg.router_aux_loss_coef, precision=self.precision,
                                     measure=False)
         self.forward = parallel.wrap(self.lm_loss, dist, self.precision)  # DDP/FSDP around the loss module
         if dist.fsdp:
             parallel.materialize(self.lm_loss, source, dist)
-            del source
+            del source  # rank 0's host copy: every rank has its shards now
         self.check_model()
         self.peak_flops = peak_flops(device)
         mean_length = sum(self.lengths) / max(len(self.lengths), 1)
@@ -180,12 +176,12 @@ class FineTune:
             log(f"model: router load-balancing loss weighted {self.lm_loss.router_aux_coef:g} ({whose}), logged as "
                 "router_aux_loss")
 
-    def loaded_model(self, device: torch.device):
-        """The model with its weights: the base (and LoRA), trained parameters in their master dtype, and a resumed
-        run's trained weights."""
-        model = load_model(self.recipe, device)
+    def loaded_model(self, device: torch.device, *, empty: bool = False):
+        """The model to train: the base (and LoRA), trained parameters in their master dtype, and a resumed run's
+        trained weights; empty: on the meta device, without weights (they come from rank 0, see setup_model)."""
+        model = load_model(self.recipe, device, empty=empty)
         self.precision.cast_trained([p for p in model.parameters() if p.requires_grad])
-        if self.resume_from is not None:
+        if self.resume_from is not None and not empty:
             load_weights(model, self.resume_from)
         return model
 
