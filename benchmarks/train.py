@@ -127,8 +127,8 @@ def run_ours(c: dict, base) -> dict:
         base.set_attn_implementation(spec.attn_implementation)
         return base
 
-    def load_model(recipe, device):
-        built.append(real_load_model(recipe, device))
+    def load_model(recipe, device, empty=False):
+        built.append(real_load_model(recipe, device, empty=empty))
         return built[-1]
 
     real_load_model = loading.load_model
