@@ -304,8 +304,10 @@ def test_moe_trains_and_merges_like_peft(family, tiny_model_dir, tmp_path, cli):
                if "expert" in name)  # the experts' LoRA was merged, not dropped
 
 
-def test_a_router_loss_weight_on_a_dense_model_is_refused(family_dirs, tmp_path, cli):
-    code, _, err = cli("train", recipe_for(family_dirs["llama"], "llama", tmp_path, "pad"),
-                       "--set", "train.router_aux_loss_coef=0.01")
-    assert code == 2 and err.strip().endswith(
-        "error: train.router_aux_loss_coef: LlamaForCausalLM has no router load-balancing loss"), err
+def test_a_router_loss_weight_on_a_dense_model_is_refused_before_any_work(family_dirs, tmp_path, cli):
+    recipe = recipe_for(family_dirs["llama"], "llama", tmp_path, "pad")
+    for command in ("validate", "train"):
+        code, _, err = cli(command, recipe, "--set", "train.router_aux_loss_coef=0.01")
+        assert code == 2 and err.strip().endswith(
+            "error: train.router_aux_loss_coef: LlamaForCausalLM has no router load-balancing loss"), (command, err)
+    assert not (tmp_path / "llama-pad").exists()  # refused before the data step and the run dir

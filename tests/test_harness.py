@@ -6,6 +6,7 @@ and `neftune compare` shows the score."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -185,3 +186,15 @@ def test_a_group_is_one_row_with_its_aggregate(run, task_dir, cli, tmp_path):
     acc, _, _ = hand_scores(target.load(torch.device("cpu"), merge=False), target.tokenizer(), limit=3)
     assert row["task"] == "neftune_group" and row["samples"] == 6 and list(row["metrics"]) == ["acc"]
     assert row["value"] == pytest.approx(acc)  # both subtasks hold the same three questions
+
+
+def test_a_scripted_eval_logs_only_our_lines(run, task_dir, tmp_path):
+    """Piped, from a folder outside any git repository: no harness progress bars, no notes on being handed a loaded
+    model, no git "fatal:" line; only our own `eval:` lines on stderr and the table on stdout."""
+    done = subprocess.run([sys.executable, "-m", "neftune_cli", "eval", str(run), "--tasks", "neftune_mc",
+                           "--include-path", str(task_dir), "--limit", "4", "--results", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and all(line.startswith("eval: ") for line in lines), done.stderr
+    assert done.stdout.splitlines()[0].startswith("task") and "neftune_mc" in done.stdout

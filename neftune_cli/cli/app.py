@@ -34,7 +34,7 @@ from neftune_cli.io.errors import (
     first_line,
 )
 from neftune_cli.io.outputs import check_output_file
-from neftune_cli.models.loading import check_kernel
+from neftune_cli.models.loading import check_against_config, local_config
 from neftune_cli.models.quantization import require_bitsandbytes
 from neftune_cli.recipe.load import load_recipe
 
@@ -80,7 +80,9 @@ def validate(
     loaded = load_recipe(recipe, set_)
     for warning in loaded.warnings():
         log(f"warning: {warning}")
-    check_kernel(loaded.recipe.model)
+    config = local_config(loaded.recipe.model)
+    if config is not None:  # a hub model not yet downloaded is checked when train loads it
+        check_against_config(loaded.recipe, config)
     resolved = loaded.recipe.model_dump(mode="json")
     if as_json:
         out.print_json(json.dumps({"recipe": resolved, "provenance": loaded.provenance}))

@@ -15,8 +15,12 @@ import difflib
 import hashlib
 import json
 import re
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from importlib.metadata import version
 from pathlib import Path
+from unittest import mock
 
 from neftune_cli import __version__
 from neftune_cli.infer.target import Target, inference_device
@@ -98,11 +102,38 @@ def run_tasks(target: Target, spec: str, tasks: list[str], *, limit: int | None,
         f"{model.device}): {', '.join(tasks)}, batch {batch_size}"
         + (f", {num_fewshot}-shot" if num_fewshot is not None else "") + (f", limit {limit}" if limit else ""))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False)
+    with _harness_quietly():
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, log_samples=False)
     results.pop("samples", None)
     results[MARKER] = {"version": __version__, "model": spec, "tasks": tasks}
     return results
+
+
+# The harness's modules that draw progress bars (requests built, tokenized, scored), each through its own `tqdm` name
+_BARS = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+def _no_bar(*args, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(*args, **{**kwargs, "disable": True})  # over the harness's own disable= (its rank check)
+
+
+@contextmanager
+def _harness_quietly() -> Iterator[None]:
+    """The harness without its chatter in our users' logs: no git hash of the folder eval happens to run in (it says
+    nothing about the model, and outside a repository git prints "fatal: not a git repository"), and off a terminal
+    no progress bars. torch imports tqdm before our CLI starts, so its TQDM_DISABLE switch comes too late."""
+    import lm_eval.evaluator
+
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
+        if not sys.stderr.isatty():
+            for name in _BARS:
+                if hasattr(sys.modules.get(name), "tqdm"):
+                    stack.enter_context(mock.patch.object(sys.modules[name], "tqdm", _no_bar))
+        yield
 
 
 def write_results(path: Path, results: dict) -> None:

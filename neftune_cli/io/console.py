@@ -28,9 +28,14 @@ def log(message: str) -> None:
     err.print(message, markup=False)
 
 
-# What libraries print that concerns no user of ours: bitsandbytes' note on an optional faster CPU kernel, logged
-# at import in every command that imports peft, QLoRA or not.
-_LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+# What libraries print that concerns no user of ours, by logger and message start: bitsandbytes' note on an optional
+# faster CPU kernel, logged at import in every command that imports peft, QLoRA or not; lm-evaluation-harness's
+# notes on being handed a loaded model, which is how `eval --tasks` always calls it.
+_LIBRARY_NOISE = {
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+    "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",
+                                   "Passed an already-initialized model through `pretrained`"),
+}
 
 
 def quiet_libraries(debug: bool) -> None:
@@ -45,8 +50,8 @@ def quiet_libraries(debug: bool) -> None:
 
     for category in (FutureWarning, DeprecationWarning):  # notes to the developers who call a library, not to users
         warnings.filterwarnings("ignore", category=category)
-    for name, prefix in _LIBRARY_NOISE.items():
-        logging.getLogger(name).addFilter(lambda record, prefix=prefix: not str(record.msg).startswith(prefix))
+    for name, prefixes in _LIBRARY_NOISE.items():
+        logging.getLogger(name).addFilter(lambda record, prefixes=prefixes: not str(record.msg).startswith(prefixes))
     if not sys.stderr.isatty():
         for switch in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
             os.environ.setdefault(switch, "1")

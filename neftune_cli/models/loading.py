@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from neftune_cli.demo import builtin
 from neftune_cli.io.errors import UsageError, first_line
-from neftune_cli.models.attention import choose_kernel
+from neftune_cli.models.attention import choose_kernel, model_class
 from neftune_cli.models.quantization import bnb_config, keep_cpu_layout
 from neftune_cli.recipe.schema import ModelSection, Recipe
 
@@ -91,16 +92,21 @@ def load_config(spec: ModelSection):
     return config
 
 
-def resolved_kernel(spec: ModelSection) -> str:
-    """The attention kernel the model will run (auto resolved, an unsupported choice refused)."""
-    return choose_kernel(spec, load_config(spec), model_path(spec))
+def router_loss_of(cls):
+    """The model's own router load-balancing loss: MoE families' modeling modules define load_balancing_loss_func,
+    dense ones do not."""
+    return getattr(sys.modules[cls.__module__], "load_balancing_loss_func", None)
 
 
-def check_kernel(spec: ModelSection) -> None:
-    """validate's check of the attention kernel, where the model's config is on this machine (train always checks)."""
-    config = local_config(spec)
-    if config is not None:
-        choose_kernel(spec, config, model_path(spec))
+def check_against_config(recipe: Recipe, config) -> str:
+    """What the model's config decides about the recipe before any work (validate, where the config is on this
+    machine; train, always): the attention kernel it runs (auto resolved, an unsupported one refused), and a router
+    loss weight only for a model that has a router."""
+    spec = recipe.model
+    cls = model_class(config, model_path(spec), spec.trust_remote_code)
+    if recipe.train.router_aux_loss_coef and cls is not None and router_loss_of(cls) is None:
+        raise UsageError(f"train.router_aux_loss_coef: {cls.__name__} has no router load-balancing loss")
+    return choose_kernel(spec, config, model_path(spec))
 
 
 def load_base_model(spec: ModelSection, device: torch.device, *, empty: bool = False):

@@ -33,12 +33,13 @@ from neftune_cli.io.errors import (
     first_line,
 )
 from neftune_cli.models.loading import (
+    check_against_config,
+    load_config,
     load_model,
     load_tokenizer,
     model_path,
     param_lora_summary,
     resolve_dtype,
-    resolved_kernel,
 )
 from neftune_cli.models.serving_files import tokenizer_files
 from neftune_cli.recipe.load import LoadedRecipe, recipe_to_yaml
@@ -75,7 +76,7 @@ def run_training(loaded: LoadedRecipe, *, resume: bool = False, overwrite: bool 
     Returns the final summary (also printed)."""
     require_trackers(loaded.recipe)  # a missing extra or server fails now, not after tokenizing and loading the model
     # auto becomes the kernel the model supports before anything is recorded: a run's recipe names what it ran
-    loaded.recipe.model.attn_implementation = resolved_kernel(loaded.recipe.model)
+    loaded.recipe.model.attn_implementation = check_against_config(loaded.recipe, load_config(loaded.recipe.model))
     dist = parallel.init(loaded.recipe.train.distributed)
     run = RunDir(Path(loaded.recipe.output.dir))
     try:

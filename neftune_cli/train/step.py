@@ -18,7 +18,6 @@ token loss (it is a mean per forward, the token loss a sum) so the loop weighs e
 
 from __future__ import annotations
 
-import sys
 from typing import NamedTuple
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from neftune_cli.io.errors import UsageError
+from neftune_cli.models.loading import router_loss_of
 from neftune_cli.train import parallel
 from neftune_cli.train.noise import add_noise, noise_norms
 from neftune_cli.train.precision import FLOAT32, Precision
@@ -73,7 +73,7 @@ class CausalLMLoss(nn.Module):
         self.logit_scale = getattr(config, "logit_scale", None)  # Cohere, Cohere2
         self.softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2/3
         # the model's own balancing loss and what its forward passes it (Mixtral, Qwen-MoE, OLMoE, GraniteMoE, ...)
-        self.balancing_loss = getattr(sys.modules[type(causal).__module__], "load_balancing_loss_func", None)
+        self.balancing_loss = router_loss_of(type(causal))
         self.num_experts = getattr(causal, "num_experts", None)
         self.experts_per_token = getattr(causal, "num_experts_per_tok", None)
         has_router = None not in (self.balancing_loss, self.num_experts, self.experts_per_token)
