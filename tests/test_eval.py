@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+from run_helpers import tiny_run_yaml
 
 from neftune_cli.analysis.answers import answer_stats, diversity, repetition
 from neftune_cli.analysis.compare import compare_rows
@@ -14,36 +15,6 @@ from neftune_cli.demo import tasks as demo_tasks
 from neftune_cli.infer.eval_loss import heldout_loss
 from neftune_cli.infer.target import resolve
 from neftune_cli.io.errors import UsageError
-
-RECIPE = """\
-model:
-  name_or_path: builtin:tiny-llama
-data:
-  sources:
-    - path: train.jsonl
-      format: alpaca
-  eval_sources:
-    - path: eval.jsonl
-      format: alpaca
-  max_seq_len: 128
-lora:
-  r: 8
-  alpha: 16
-  modules_to_save: [lm_head]
-neftune:
-  alpha: 5
-train:
-  epochs: 1
-  micro_batch_size: 4
-  grad_accum: 2
-  lr: 3.0e-3
-  log_every: 1
-  eval_every: 2
-  save_every: 2
-  keep_last: 10
-output:
-  dir: {out}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +26,9 @@ def run(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("eval-run")
     (folder / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(48, seed=3)))
     (folder / "eval.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(10, seed=4, split="eval")))
-    (folder / "r.yaml").write_text(RECIPE.format(out=folder / "run"))
+    (folder / "r.yaml").write_text(tiny_run_yaml(
+        folder / "run", eval_data=True, lora={"modules_to_save": ["lm_head"]},
+        train={"epochs": 1, "grad_accum": 2, "eval_every": 2, "save_every": 2, "keep_last": 10}))
     run_training(load_recipe(folder / "r.yaml"))
     return folder / "run"
 

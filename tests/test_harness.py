@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import tiny_run_yaml
 
 from neftune_cli.demo import tasks as demo_tasks
 from neftune_cli.infer.target import resolve
@@ -52,29 +53,6 @@ metadata:
   version: 1.0
 """
 
-RECIPE = """\
-model:
-  name_or_path: builtin:tiny-llama
-data:
-  sources:
-    - path: train.jsonl
-      format: alpaca
-  max_seq_len: 128
-lora:
-  r: 8
-  alpha: 16
-neftune:
-  alpha: 5
-train:
-  max_steps: 4
-  micro_batch_size: 4
-  lr: 1.0e-2
-  log_every: 1
-  save_every: 100
-output:
-  dir: {out}
-"""
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
@@ -84,7 +62,8 @@ def run(tmp_path_factory, tiny_model_dir):
 
     folder = tmp_path_factory.mktemp("harness-run")
     (folder / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(16, seed=5)))
-    (folder / "r.yaml").write_text(RECIPE.format(out=folder / "run"))
+    recipe = tiny_run_yaml(folder / "run", train={"max_steps": 4, "lr": 1.0e-2, "save_every": 100})
+    (folder / "r.yaml").write_text(recipe)
     run_training(load_recipe(folder / "r.yaml"))
     return folder / "run"
 

@@ -15,34 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import tiny_run_yaml
 from safetensors.torch import load_file
 
 from neftune_cli.demo import tasks as demo_tasks
 
-RECIPE = """\
-model:
-  name_or_path: builtin:tiny-llama
-data:
-  sources:
-    - path: train.jsonl
-      format: alpaca
-  eval_sources:
-    - path: eval.jsonl
-      format: alpaca
-  max_seq_len: 128
-lora:
-  r: 4
-  alpha: 8
-train:
-  max_steps: 4
-  micro_batch_size: 4
-  lr: 3.0e-3
-  log_every: 1
-  save_every: 2
-  keep_last: 10
-output:
-  dir: runs
-"""
 GRID = ("--grid", "neftune.alpha=0,5")
 RUNS = ("neftune.alpha=0", "neftune.alpha=5")
 
@@ -53,7 +30,8 @@ def make_work(folder: Path) -> Path:
     prompts = demo_tasks.generate(3, seed=9, split="eval")
     (folder / "prompts.jsonl").write_text("".join(json.dumps({"instruction": r["instruction"]}) + "\n"
                                                   for r in prompts))
-    (folder / "r.yaml").write_text(RECIPE)
+    (folder / "r.yaml").write_text(tiny_run_yaml("runs", eval_data=True, lora={"r": 4, "alpha": 8}, neftune=None,
+                                                  train={"max_steps": 4, "save_every": 2, "keep_last": 10}))
     return folder / "r.yaml"
 
 

@@ -5,44 +5,21 @@ once (tiny model, a few steps)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from run_helpers import tiny_run_yaml
 
 from neftune_cli.demo import tasks as demo_tasks
 from neftune_cli.train.trackers import scalars
-
-RECIPE = """\
-model:
-  name_or_path: builtin:tiny-llama
-data:
-  sources:
-    - path: train.jsonl
-      format: alpaca
-  eval_sources:
-    - path: eval.jsonl
-      format: alpaca
-  max_seq_len: 128
-lora:
-  r: 4
-  alpha: 8
-neftune:
-  alpha: 5
-train:
-  max_steps: 6
-  micro_batch_size: 4
-  lr: 3.0e-3
-  log_every: 1
-  save_every: 2
-  keep_last: 10
-  tracking:
-    project: sweeps
-output:
-  dir: {out}
-"""
 
 
 @pytest.fixture
@@ -50,7 +27,9 @@ def work(tmp_path, tiny_model_dir):
     (tmp_path / "train.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(24, seed=3)))
     (tmp_path / "eval.jsonl").write_text(demo_tasks.to_jsonl(demo_tasks.generate(4, seed=4, split="eval")))
     path = tmp_path / "r.yaml"
-    path.write_text(RECIPE.format(out=tmp_path / "run"))
+    path.write_text(tiny_run_yaml(tmp_path / "run", eval_data=True, lora={"r": 4, "alpha": 8},
+                                  train={"max_steps": 6, "save_every": 2, "keep_last": 10,
+                                         "tracking": {"project": "sweeps"}}))
     return path
 
 
@@ -147,25 +126,65 @@ def test_wandb_offline_holds_the_metrics_and_resumes_the_same_run(cli, work, mon
     same_values(found["history"], expected(run))
 
 
-# --- MLflow, a local file store ------------------------------------------------------------------------------
+# --- MLflow: a local file store, and a real server -------------------------------------------------------------
 
 
-def test_mlflow_holds_the_metrics_and_resumes_the_same_run(cli, work, monkeypatch):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(params=["file-store", "server"])
+def mlflow_uri(request, tmp_path, monkeypatch):
+    """Where MLflow keeps the runs, set as MLFLOW_TRACKING_URI: a local file store, or a real `mlflow server` with a
+    sqlite backend on 127.0.0.1, as a team runs one (it needs the full mlflow package, not only mlflow-skinny)."""
     pytest.importorskip("mlflow")
+    if request.param == "file-store":
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 prefers a database; the file store suffices
+        uri = (tmp_path / "mlruns").as_uri()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+        return
+    pytest.importorskip("sqlalchemy", reason="mlflow server needs the full mlflow package")
+    port, log = free_port(), tmp_path / "mlflow-server.log"
+    with log.open("w") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "--default-artifact-root", (tmp_path / "artifacts").as_uri()],
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers
+        server.wait(timeout=60)
+
+
+def test_mlflow_holds_the_metrics_and_resumes_the_same_run(cli, work, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    store = work.parent / "mlruns"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 prefers a database; the file store suffices
     report = ("--set", "train.report_to=[mlflow]")
     assert cli("train", work, *report)[0] == 0
     run = work.parent / "run"
-    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"]
+    stored = json.loads((run / "trackers.json").read_text())["mlflow"]
+    run_id = stored["run_id"]
+    assert stored["tracking_uri"] == mlflow_uri  # what --resume goes back to
     crash_after_checkpoint_2(run)
     code, _, err = cli("train", work, "--resume", *report)
     assert code == 0, err
 
-    client = MlflowClient(store.as_uri())
+    client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("sweeps")
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]  # the resume continued it, no second run
@@ -183,9 +202,7 @@ def test_mlflow_holds_the_metrics_and_resumes_the_same_run(cli, work, monkeypatc
 
 def test_mlflow_server_that_does_not_answer_fails_at_start_up(cli, work, monkeypatch):
     pytest.importorskip("mlflow")
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens on it
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     code, _, err = cli("train", work, "--set", "train.report_to=[mlflow]")
     assert code == 1
@@ -196,18 +213,16 @@ def test_mlflow_server_that_does_not_answer_fails_at_start_up(cli, work, monkeyp
 
 
 def test_an_mlflow_store_that_cannot_be_opened_fails_at_start_up(cli, work, monkeypatch):
+    """A database store this machine cannot open: mlflow-skinny has no SQLAlchemy, full mlflow no PostgreSQL
+    driver, and with one there is no database on that port."""
     pytest.importorskip("mlflow")
-    try:
-        import sqlalchemy  # noqa: F401
-        pytest.skip("full mlflow is installed: a sqlite store opens")
-    except ImportError:
-        pass
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work.parent / 'mlflow.db'}")  # mlflow 3's default
+    uri = f"postgresql://127.0.0.1:{free_port()}/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     code, _, err = cli("train", work, "--set", "train.report_to=[mlflow]")
     assert code == 1
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: train.report_to: mlflow: cannot use the tracking store "
-                                                   "sqlite:///"), err
+    assert len(lines) == 1 and lines[0].startswith(f"error: train.report_to: mlflow: cannot use the tracking store "
+                                                   f"{uri} ("), err
     assert not (work.parent / "run").exists()
 
 
@@ -217,7 +232,10 @@ def test_an_mlflow_store_that_cannot_be_opened_fails_at_start_up(cli, work, monk
 def test_trackio_local_holds_the_metrics_and_resumes_the_same_run(cli, work, monkeypatch):
     pytest.importorskip("trackio")
     report = ("--set", "train.report_to=[trackio]")
-    assert cli("train", work, *report)[0] == 0
+    code, out, err = cli("train", work, *report)
+    assert code == 0, err
+    # Trackio's own notes are log lines: on stderr, plain, and stdout holds only ours
+    assert "Trackio" not in out and "* Created new run: run" in err.splitlines() and "\x1b" not in err, (out, err)
     run = work.parent / "run"
     crash_after_checkpoint_2(run)
     code, _, err = cli("train", work, "--resume", *report)

@@ -12,41 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import tiny_run_yaml
 from safetensors.torch import load_file
 
 from neftune_cli.data.batching import IGNORE, batch_builder, collate_pack, collate_pad, plan_epoch
 from neftune_cli.demo import builtin
 from neftune_cli.demo import tasks as demo_tasks
 from neftune_cli.train.step import CausalLMLoss, attention_stays_within_examples
-
-RECIPE = """\
-model:
-  name_or_path: builtin:tiny-llama
-data:
-  sources:
-    - path: train.jsonl
-      format: alpaca
-  eval_sources:
-    - path: eval.jsonl
-      format: alpaca
-  max_seq_len: 128
-lora:
-  r: 8
-  alpha: 16
-  dropout: 0.1
-neftune:
-  alpha: 5
-train:
-  epochs: 1
-  micro_batch_size: 4
-  grad_accum: 2
-  lr: 3.0e-3
-  log_every: 1
-  save_every: 2
-  keep_last: 10
-output:
-  dir: {out}
-"""
 
 
 @pytest.fixture
@@ -56,9 +28,10 @@ def workdir(tmp_path, tiny_model_dir):
     return tmp_path
 
 
-def make_recipe(folder: Path, name: str = "r.yaml", out: str = "run", extra: str = "") -> Path:
+def make_recipe(folder: Path, name: str = "r.yaml", out: str = "run") -> Path:
     path = folder / name
-    path.write_text(RECIPE.format(out=folder / out) + extra)
+    path.write_text(tiny_run_yaml(folder / out, eval_data=True, lora={"dropout": 0.1},
+                                  train={"epochs": 1, "grad_accum": 2, "save_every": 2, "keep_last": 10}))
     return path
 
 
@@ -257,7 +230,7 @@ def test_train_writes_the_run_directory(cli, workdir):
 
 
 def test_refuses_to_overwrite_an_existing_run(cli, workdir):
-    recipe = make_recipe(workdir, extra="")
+    recipe = make_recipe(workdir)
     assert cli("train", str(recipe), "--set", "train.max_steps=1")[0] == 0
     code, _, err = cli("train", str(recipe), "--set", "train.max_steps=1")
     assert code == 2 and "--resume" in err and "--overwrite" in err
@@ -447,7 +420,7 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(cli, workdir, 
 
 def test_sigterm_from_outside(workdir):
     """A real preemption: SIGTERM to a `neftune train` process, then --resume in a new process."""
-    recipe = make_recipe(workdir, extra="")
+    recipe = make_recipe(workdir)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "neftune_cli", "train", str(recipe), "--set", "train.epochs=4"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,6 +12,7 @@ resume recomputes the same values).
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import math
 import os
@@ -19,7 +20,11 @@ import secrets
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
+
+from rich.text import Text
 
 from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.console import log
@@ -204,8 +209,9 @@ class Trackio:
         state.setdefault("name", run_root.name)
         save()
         try:
-            self.run = trackio.init(project=recipe.train.tracking.project or DEFAULT_PROJECT, name=state["name"],
-                                    config={**_flat(recipe), **_tags(recipe)}, resume="allow")
+            with _prints_as_log_lines():
+                self.run = trackio.init(project=recipe.train.tracking.project or DEFAULT_PROJECT, name=state["name"],
+                                        config={**_flat(recipe), **_tags(recipe)}, resume="allow")
         except Exception as e:  # noqa: BLE001 - local storage or a Space/server it was pointed at
             raise _start_failed("trackio", e, "") from None
 
@@ -213,7 +219,23 @@ class Trackio:
         self.run.log(values, step=step)
 
     def close(self, finished: bool) -> None:
-        self.run.finish()
+        import trackio
+
+        with _prints_as_log_lines():
+            trackio.finish()  # not run.finish(): this also ends it as the current run, so exit does not finish it again
+
+
+@contextmanager
+def _prints_as_log_lines() -> Iterator[None]:
+    """Trackio prints its notes (where the run is kept, how to open the dashboard), coloured, on stdout, which holds
+    our results: they are log lines, so they go to stderr as plain lines."""
+    printed = io.StringIO()
+    try:
+        with redirect_stdout(printed):
+            yield
+    finally:
+        for line in printed.getvalue().splitlines():
+            log(Text.from_ansi(line).plain)
 
 
 TRACKER_CLASSES = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": Mlflow, "trackio": Trackio}
