@@ -127,12 +127,13 @@ def _harness_quietly() -> Iterator[None]:
     no progress bars. torch imports tqdm before our CLI starts, so its TQDM_DISABLE switch comes too late."""
     import lm_eval.evaluator
 
+    quiet = [(lm_eval.evaluator, "get_git_commit_hash", lambda: None)]
+    if not sys.stderr.isatty():
+        quiet += [(sys.modules.get(name), "tqdm", _no_bar) for name in _BARS]
     with ExitStack() as stack:
-        stack.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
-        if not sys.stderr.isatty():
-            for name in _BARS:
-                if hasattr(sys.modules.get(name), "tqdm"):
-                    stack.enter_context(mock.patch.object(sys.modules[name], "tqdm", _no_bar))
+        for module, name, replacement in quiet:
+            if hasattr(module, name):  # a harness version that moved one keeps that chatter, and still works
+                stack.enter_context(mock.patch.object(module, name, replacement))
         yield
 
 
