@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from neftune_cli.io.console import table
+
 PEER = {("ours", "pack"): ("trl", "padding_free"), ("ours", "pack-flex"): ("trl", "padding_free"),
         ("ours", "pad"): ("trl", "pad"), ("ours", "batched"): ("loop", "per-prompt")}
 HEADER = ["bench", "system", "batching", "tok/step", "tokens/s", "MFU", "peak mem", "loss", "vs peer tok/s",
@@ -53,9 +55,7 @@ def rows(bench: dict) -> list[list[str]]:
 
 
 def render(benches: list[dict]) -> str:
-    body = [HEADER] + [row for bench in benches for row in rows(bench)]
-    widths = [max(len(row[i]) for row in body) for i in range(len(HEADER))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in body]
+    lines = table(HEADER, [row for bench in benches for row in rows(bench)])
     lines += [f"{b['label']}: {b['setting']} ({b['device']})" for b in benches]
     kinds = sorted({r["memory_kind"] for b in benches for r in b["runs"] if "memory_kind" in r})
     lines.append("tokens/s: real (non-pad) tokens per second over the timed steps (generation: answer tokens), best "

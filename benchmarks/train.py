@@ -101,6 +101,7 @@ def run_ours(c: dict, base) -> dict:
     from neftune_cli.models import loading
     from neftune_cli.recipe.load import load_recipe
     from neftune_cli.train import finetune
+    from neftune_cli.train.metrics import read_metrics
 
     run_dir = Path(c["workdir"]) / "run"
     batching = "pack" if c["batching"].startswith("pack") else "pad"
@@ -140,7 +141,7 @@ def run_ours(c: dict, base) -> dict:
         if built:
             without_adapter(built[0])
         base.set_attn_implementation("sdpa")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     marks, total = [], 0
     for r in records:  # "tokens": the attention_mask sum (pad) or the row length (pack), i.e. real tokens
         total += r["tokens"]

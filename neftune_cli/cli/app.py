@@ -22,7 +22,7 @@ except ImportError:
 from neftune_cli import __version__
 from neftune_cli.cli.data import app as data_app
 from neftune_cli.cli.launch import EXIT_CODE_DIR, run_torchrun
-from neftune_cli.io.console import err, log, out, quiet_libraries, stdout_is_tty, table
+from neftune_cli.io.console import debug_requested, err, log, out, quiet_libraries, stdout_is_tty, table
 from neftune_cli.io.errors import (
     EXIT_RUNTIME,
     EXIT_SIGINT,
@@ -36,7 +36,7 @@ from neftune_cli.io.errors import (
 from neftune_cli.io.outputs import check_output_file
 from neftune_cli.models.loading import check_against_config, local_config
 from neftune_cli.models.quantization import require_bitsandbytes
-from neftune_cli.recipe.load import load_recipe
+from neftune_cli.recipe.load import load_recipe, lookup
 
 app = typer.Typer(
     name="neftune",
@@ -89,7 +89,7 @@ def validate(
         return
     width = max(len(k) for k in loaded.provenance)
     for key, source in loaded.provenance.items():
-        value = json.dumps(_lookup(resolved, key))
+        value = json.dumps(lookup(resolved, key))
         line = f"{key:<{width}}  {value}  "
         style = {"default": "dim", "recipe": "none", "--set": "bold yellow"}[source]
         if stdout_is_tty():
@@ -108,12 +108,6 @@ def validate(
         except NeftuneError as e:
             log(f"warning: {e}")
     out.print(f"ok: {recipe} is valid", markup=False)
-
-
-def _lookup(tree, dotted: str):
-    for part in dotted.split("."):
-        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
-    return tree
 
 
 @app.command()
@@ -429,7 +423,7 @@ def _generate_args(ctx: typer.Context, prompts: Path | None) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn every failure into one line and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or os.environ.get("NEFTUNE_DEBUG") == "1"
+    debug = debug_requested(argv)
     quiet_libraries(debug)
     command = typer.main.get_command(app)
     try:

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from neftune_cli.io.console import log
+from neftune_cli.io.console import debug_requested, log
 from neftune_cli.io.errors import EXIT_RUNTIME
 
 # Each rank writes how it ended into this folder (see cli.app.main): torchrun reports any failure as 1.
@@ -31,7 +31,7 @@ def run_torchrun(nproc: int) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "neftune_cli", *args]
     log(f"running: {shlex.join(command[1:])}")
-    debug = "--debug" in args or os.environ.get("NEFTUNE_DEBUG") == "1"
+    debug = debug_requested(args)
     with tempfile.TemporaryDirectory(prefix="neftune-exit-") as codes:
         child = subprocess.Popen(command, env={**os.environ, EXIT_CODE_DIR: codes},
                                  stderr=None if debug else subprocess.PIPE, text=True, errors="replace")

@@ -115,9 +115,9 @@ def detect(value: Any, fields: Fields) -> tuple[str, dict[str, str], str]:
     if fields["instruction"] in value and fields["output"] in value:
         return "alpaca", {}, f"columns {fields['instruction']} and {fields['output']}"
     keys = ", ".join(sorted(map(str, value))) or "none"
-    if missing := [f"{ours}={theirs}" for ours, theirs in fields.renames.items() if theirs not in value]:
-        raise BadRecord(None, f"no column {fields[missing[0].split('=')[0]]!r} (mapped by fields {missing[0]}); "
-                              f"the columns are {keys}")
+    if missing := [(ours, theirs) for ours, theirs in fields.renames.items() if theirs not in value]:
+        ours, theirs = missing[0]
+        raise BadRecord(None, f"no column {theirs!r} (mapped by fields {ours}={theirs}); the columns are {keys}")
     raise BadRecord(
         None,
         f"cannot detect the format from the columns ({keys}); set format: alpaca|sharegpt|messages "

@@ -30,7 +30,7 @@ def looks_like_path(path: str) -> bool:
     """Hub ids are ``name`` or ``org/name`` without a file extension; everything else is meant as a path."""
     if path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1:
         return True
-    return Path(path).suffix.lower() in {".json", ".jsonl", ".parquet", ".csv", ".yaml", ".txt"}
+    return Path(path).suffix.lower() in {*EXTENSIONS, ".yaml", ".txt"}
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 from neftune_cli.data.batching import IGNORE, batch_builder
 from neftune_cli.data.pipeline import prepare
-from neftune_cli.infer.target import Target
+from neftune_cli.infer.target import Target, inference_device
 from neftune_cli.io.console import log
 from neftune_cli.io.errors import UsageError
 from neftune_cli.models.loading import resolve_dtype
@@ -38,7 +36,7 @@ def heldout_loss(target: Target, data_spec: Path | None = None, batch_size: int 
     if dataset is None or len(dataset) == 0:
         raise UsageError(f"{data_spec}: the recipe holds out no eval data (data.eval_sources, eval_fraction or "
                          "eval_size)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = inference_device()
     precision = Precision.of(resolve_dtype(recipe.model.dtype, device), recipe.train.precision)  # as training ran
     lm_loss = CausalLMLoss(target.load(device, merge=False), None, recipe.neftune.scale, precision=precision)
     check_forward(lm_loss, target.name)

@@ -18,7 +18,7 @@ import torch
 
 from neftune_cli.data.pipeline import prompt_ids, stop_token_ids
 from neftune_cli.data.templates import end_of_turn, make_template
-from neftune_cli.infer.target import Target
+from neftune_cli.infer.target import Target, inference_device
 from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.console import log, out, stdout_is_tty
 from neftune_cli.io.errors import EXIT_SIGINT, DataError, Interrupted, UsageError
@@ -208,7 +208,7 @@ def run_generate(target: Target, prompts_file: Path, out_file: Path, settings: S
     tokenizer = target.tokenizer()
     prompts = read_prompts(prompts_file, target, tokenizer)[:limit]
     stops = stops_for(target, tokenizer)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = inference_device()
     model = target.load(device, merge=True)
     name = generator or target.name
     positions = getattr(model.config, "max_position_embeddings", None)

@@ -184,7 +184,6 @@ def task_rows(results: dict) -> list[dict]:
         out.append({"task": name, "metric": primary, **(scores.get(primary) or {"value": None, "stderr": None}),
                     "n_shot": (results.get("n-shot") or {}).get(name),
                     "samples": samples.get("effective", entry.get("sample_len")),  # a group: its subtasks'
-
                     "metrics": scores})
     return out
 

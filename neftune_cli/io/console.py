@@ -19,7 +19,7 @@ def stdout_is_tty() -> bool:
 
 def table(header: list[str], cells: list[list[str]]) -> list[str]:
     """Plain aligned columns (two spaces apart), header first: what a terminal and a pipe both read."""
-    widths = [max(len(h), *(len(line[i]) for line in cells)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(line[i]) for line in cells)]) for i, h in enumerate(header)]
     return ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in [header, *cells]]
 
 
@@ -36,6 +36,11 @@ _LIBRARY_NOISE = {
     "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",
                                    "Passed an already-initialized model through `pretrained`"),
 }
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """--debug anywhere on the command line, or NEFTUNE_DEBUG=1: tracebacks and every library's output."""
+    return "--debug" in argv or os.environ.get("NEFTUNE_DEBUG") == "1"
 
 
 def quiet_libraries(debug: bool) -> None:

@@ -80,9 +80,7 @@ def check_output_file(path: Path, *, overwrite: bool, inputs: Iterable[Path] = (
                 raise UsageError(f"{flag} {path}: {above} is a file, not a folder")
             break
     check_not_input(path, inputs, flag)
-    if (folder := owner(path)) is not None:
-        raise UsageError(f"{flag} {path} is inside {folder}, a folder neftune wrote for another command; write "
-                         "outside it")
+    _check_not_inside_ours(path, flag)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise UsageError(f"{flag} {path} exists; pass --overwrite to replace it")
 
@@ -91,10 +89,14 @@ def check_output_dir(path: Path, *, overwrite: bool, inputs: Iterable[Path] = ()
     """`path` may become a folder of ours: new, or (with --overwrite) one we wrote holding nothing else."""
     path = Path(path).expanduser()
     check_not_input(path, inputs, flag)
+    _check_not_inside_ours(path, flag)
+    check_replaceable(path, overwrite=overwrite, flag=flag)
+
+
+def _check_not_inside_ours(path: Path, flag: str) -> None:
     if (folder := owner(path)) is not None:
         raise UsageError(f"{flag} {path} is inside {folder}, a folder neftune wrote for another command; write "
                          "outside it")
-    check_replaceable(path, overwrite=overwrite, flag=flag)
 
 
 def check_replaceable(path: Path, *, overwrite: bool, flag: str = "--out") -> None:

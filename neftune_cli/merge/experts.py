@@ -155,7 +155,6 @@ def _revert(model: torch.nn.Module, param: str, tensor: torch.Tensor) -> dict[st
     return revert_weight_conversion(model, {param: tensor})
 
 
-
 def _swapped(wrapper, param: torch.Tensor) -> bool:
     """Whether peft reads ``param`` as (experts, out, in): its own flag where it has one, else its rule."""
     if hasattr(wrapper, "_did_swap_in_out_features"):

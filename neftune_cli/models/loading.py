@@ -98,15 +98,19 @@ def router_loss_of(cls):
     return getattr(sys.modules[cls.__module__], "load_balancing_loss_func", None)
 
 
+def no_router(model_name: str) -> UsageError:
+    return UsageError(f"train.router_aux_loss_coef: {model_name} has no router load-balancing loss")
+
+
 def check_against_config(recipe: Recipe, config) -> str:
     """What the model's config decides about the recipe before any work (validate, where the config is on this
     machine; train, always): the attention kernel it runs (auto resolved, an unsupported one refused), and a router
-    loss weight only for a model that has a router."""
-    spec = recipe.model
-    cls = model_class(config, model_path(spec), spec.trust_remote_code)
+    loss weight only for a model that has a router (CausalLMLoss checks the built model once more)."""
+    spec, path = recipe.model, model_path(recipe.model)
+    cls = model_class(config, path, spec.trust_remote_code)
     if recipe.train.router_aux_loss_coef and cls is not None and router_loss_of(cls) is None:
-        raise UsageError(f"train.router_aux_loss_coef: {cls.__name__} has no router load-balancing loss")
-    return choose_kernel(spec, config, model_path(spec))
+        raise no_router(cls.__name__)
+    return choose_kernel(spec, config, path)
 
 
 def load_base_model(spec: ModelSection, device: torch.device, *, empty: bool = False):

@@ -243,6 +243,13 @@ def leaves(tree: Any, prefix: str = "") -> list[str]:
     return [prefix]
 
 
+def lookup(tree: Any, dotted: str) -> Any:
+    """The value at a dotted key of `leaves` (list items by index)."""
+    for part in dotted.split("."):
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+    return tree
+
+
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -395,10 +395,11 @@ class FineTune:
         final = self.run_dir.final
         summary = {"steps": step, "elapsed_s": round(time.perf_counter() - self.started, 1),
                    "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"), "final": str(final)}
-        if (memory := peak_memory_gb(self.dist.device)) is not None:
-            summary["peak_memory_gb"] = round(memory, 2)
+        memory = ""
+        if (peak := peak_memory_gb(self.dist.device)) is not None:
+            summary["peak_memory_gb"] = round(peak, 2)
+            memory = f", peak GPU memory {summary['peak_memory_gb']} GB"
         what = "adapter" if self.recipe.finetune == "lora" else "model"
-        memory = f", peak GPU memory {summary['peak_memory_gb']} GB" if "peak_memory_gb" in summary else ""
         out.print(f"done: {step} steps in {summary['elapsed_s']}s, final loss {fmt(summary['final_loss'])}, "
                   f"eval loss {fmt(summary['eval_loss'])}{memory}; {what} in {final}", markup=False)
         if self.recipe.finetune == "lora":

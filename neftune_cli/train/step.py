@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from neftune_cli.io.errors import UsageError
-from neftune_cli.models.loading import router_loss_of
+from neftune_cli.models.loading import no_router, router_loss_of
 from neftune_cli.train import parallel
 from neftune_cli.train.noise import add_noise, noise_norms
 from neftune_cli.train.precision import FLOAT32, Precision
@@ -78,7 +78,7 @@ class CausalLMLoss(nn.Module):
         self.experts_per_token = getattr(causal, "num_experts_per_tok", None)
         has_router = None not in (self.balancing_loss, self.num_experts, self.experts_per_token)
         if router_aux_coef and not has_router:
-            raise UsageError(f"train.router_aux_loss_coef: {type(causal).__name__} has no router load-balancing loss")
+            raise no_router(type(causal).__name__)
         own = getattr(config, "router_aux_loss_coef", None) if has_router else None
         self.router_aux_coef = float(own or 0.0) if router_aux_coef is None else float(router_aux_coef)
         # Measured once: only the noise needs it, and the measurement is a (tiny) decoder forward. measure=False:

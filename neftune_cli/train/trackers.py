@@ -29,7 +29,7 @@ from rich.text import Text
 from neftune_cli.io.atomic import atomic_file
 from neftune_cli.io.console import log
 from neftune_cli.io.errors import RuntimeFailure, UsageError, first_line
-from neftune_cli.recipe.load import leaves
+from neftune_cli.recipe.load import leaves, lookup
 from neftune_cli.recipe.schema import Recipe
 
 TENSORBOARD_DIR = "tensorboard"
@@ -107,13 +107,8 @@ def _tags(recipe: Recipe) -> dict[str, str]:
 def _flat(recipe: Recipe) -> dict[str, str]:
     """The resolved recipe as dotted keys (data.sources.0.path, ...), for trackers whose params are flat."""
     tree = recipe.model_dump(mode="json")
-    flat = {}
-    for key in leaves(tree):
-        node = tree
-        for part in key.split("."):
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        flat[key] = json.dumps(node) if not isinstance(node, str) else node
-    return flat
+    values = {key: lookup(tree, key) for key in leaves(tree)}
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in values.items()}
 
 
 def _start_failed(name: str, e: BaseException, hint: str) -> RuntimeFailure:
