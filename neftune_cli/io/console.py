@@ -29,10 +29,12 @@ def log(message: str) -> None:
 
 
 # What libraries print that concerns no user of ours, by logger and message start: bitsandbytes' note on an optional
-# faster CPU kernel, logged at import in every command that imports peft, QLoRA or not; lm-evaluation-harness's
-# notes on being handed a loaded model, which is how `eval --tasks` always calls it.
+# faster CPU kernel, logged at import in every command that imports peft, QLoRA or not, and the kernel hub client's
+# note on that same lookup when the hub is offline (kernels >= 0.19); lm-evaluation-harness's notes on being handed
+# a loaded model, which is how `eval --tasks` always calls it.
 _LIBRARY_NOISE = {
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+    "kernels._internals.hf_hub": ("Skipping publisher trust check",),
     "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",
                                    "Passed an already-initialized model through `pretrained`"),
 }
