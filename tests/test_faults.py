@@ -644,6 +644,30 @@ def test_resume_after_moving_the_project_folder(cli, work, tmp_path_factory):
     assert code == 2 and "the data changed" in one_error(err)
 
 
+def test_resume_after_moving_a_project_with_its_model_folder(cli, work, tiny_model_dir, tmp_path_factory):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, work / "model")
+    text = RECIPE.replace("builtin:tiny-llama", "model")  # resolved against the recipe's folder
+    assert cli("train", recipe(work, text=text), "--set", "train.max_steps=2")[0] == 0
+    moved = tmp_path_factory.mktemp("moved") / "project"
+    shutil.move(work, moved)
+    generate = ("generate", moved / "run", "--prompts", prompts(moved), "--out", moved / "a.json", *GENERATE)
+    code, _, err = cli(*generate)  # the run records where its base model was
+    assert code == 2 and str(work / "model") in one_error(err, str(moved / "run" / "recipe.yaml"), "folder not found")
+    shutil.rmtree(moved / "run" / "final")
+    code, _, err = cli("train", recipe(moved, text=text), "--set", "train.max_steps=2", "--resume")
+    assert code == 0, err
+    code, _, err = cli(*generate)  # a resume records where the model and data are now
+    assert code == 0, err
+    # another model in that folder is a change, named
+    config = json.loads((moved / "model" / "config.json").read_text())
+    (moved / "model" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": config["rms_norm_eps"] / 10}))
+    shutil.rmtree(moved / "run" / "final")
+    code, _, err = cli("train", recipe(moved, text=text), "--set", "train.max_steps=2", "--resume")
+    assert code == 2 and "model.name_or_path" in one_error(err)
+
+
 # --- issue 21: exit 2 with one line where the user must change something ------------------------------------
 
 

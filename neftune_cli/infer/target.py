@@ -94,16 +94,22 @@ def plain_data_section(template: str) -> DataSection:
 
 def _run_target(path: Path) -> Target:
     if (path / META_FILE).is_file():  # a checkpoint: its meta.json holds the recipe
-        recipe = _recipe(json.loads((path / META_FILE).read_text())["recipe"], path / META_FILE)
+        where = path / META_FILE
+        recipe = _recipe(json.loads(where.read_text())["recipe"], where)
         weights, name = path, f"{path.parent.parent.name}-{path.name}"
     else:
-        recipe = _recipe(yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8")), path / "recipe.yaml")
+        where = path / "recipe.yaml"
+        recipe = _recipe(yaml.safe_load(where.read_text(encoding="utf-8")), where)
         weights, name = path / "final", path.name
         if not weights.is_dir():
             latest = RunDir(path).latest_checkpoint()
             hint = f"; use its latest checkpoint: {latest}" if latest else " and no checkpoint yet"
             raise UsageError(f"{path} is a training run with no final/ (stopped early?){hint}")
     if (weights / ADAPTER_CONFIG).is_file():
+        base = Path(recipe.model.name_or_path)
+        if base.is_absolute() and not base.exists():  # else the hub client takes it for a malformed repo id
+            raise UsageError(f"{where}: model.name_or_path: folder not found: {base} (the base model this run "
+                             "trained on; if it moved, write its new path there)")
         return Target(name, recipe.model, recipe.data, recipe, adapter=weights)
     if not (weights / "config.json").is_file():  # else transformers takes the folder for a hub id
         raise UsageError(f"{weights}: holds neither an adapter ({ADAPTER_CONFIG}) nor a model (config.json); the "

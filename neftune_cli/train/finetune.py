@@ -57,7 +57,7 @@ from neftune_cli.train.flops import flops_per_token, numel, peak_flops, peak_mem
 from neftune_cli.train.metrics import MetricsLog, log_line
 from neftune_cli.train.precision import Precision
 from neftune_cli.train.progress import Progress
-from neftune_cli.train.resume import check_resumable, restore_rng, rng_state, seed_everything
+from neftune_cli.train.resume import check_resumable, folder_identity, restore_rng, rng_state, seed_everything
 from neftune_cli.train.schedule import Schedule
 from neftune_cli.train.signals import StopRequest, stop_on_signals
 from neftune_cli.train.step import (
@@ -131,7 +131,7 @@ class FineTune:
         self.serving_files = tokenizer_files(model_path(self.recipe.model), self.recipe.data, self.tokenizer)
         log(f"data: {data.report.summary()}")
         if self.resume_from is not None:
-            check_resumable(self.resume_from, self.recipe, data, self.force, self.dist)
+            self.forced_changes = check_resumable(self.resume_from, self.recipe, data, self.force, self.dist)
         self.lengths = data.train["length"]
         self.plan = StepPlan(self.lengths, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
                              seed=cfg.seed, group_by_length=cfg.batching == "pad", token_budget=cfg.pack_tokens)
@@ -227,16 +227,22 @@ class FineTune:
                              f"({type(e).__name__}: {first_line(e)}); move that checkpoint away to resume from the "
                              "one before it") from None
         log(f"resume: from {self.resume_from.folder} (step {state['step']} of {self.schedule.total_steps})")
+        if not self.forced_changes and self.dist.main:  # the same setup: recorded where its model and data are now
+            self.record_recipe()
         return state["step"]
 
     def record_setup(self) -> int:
         """A new run: the resolved recipe and the data report beside the checkpoints; it starts at step 0."""
         if self.dist.main:
-            with atomic_file(self.run_dir.root / "recipe.yaml") as f:
-                f.write(recipe_to_yaml(self.recipe))
+            self.record_recipe()
             with atomic_file(self.run_dir.root / "data_report.json") as f:
                 json.dump(self.data.report.to_dict(), f, indent=2)
         return 0
+
+    def record_recipe(self) -> None:
+        """The resolved recipe, which generate, eval and chat read the run's base model and template from."""
+        with atomic_file(self.run_dir.root / "recipe.yaml") as f:
+            f.write(recipe_to_yaml(self.recipe))
 
     # --- the loop ----------------------------------------------------------------------------------------
 
@@ -377,7 +383,8 @@ class FineTune:
         where = self.run_dir.checkpoints / f"step-{step}"
         if dist.main:
             meta = {"recipe": self.recipe.model_dump(mode="json"), "data_fingerprint": self.data.fingerprint,
-                    "tokenizer_fingerprint": self.data.tokenizer_fingerprint, "version": __version__,
+                    "tokenizer_fingerprint": self.data.tokenizer_fingerprint,
+                    "model_identity": folder_identity(self.recipe.model), "version": __version__,
                     "world_size": dist.world, "step": step}
             where = save_checkpoint(self.run_dir, step, self.model, state, meta, self.cfg.keep_last,
                                     self.serving_files, weights)

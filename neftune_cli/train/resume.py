@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import torch
 
 from neftune_cli.data.pipeline import PreparedData
 from neftune_cli.io.console import log
 from neftune_cli.io.errors import UsageError
-from neftune_cli.recipe.load import saved_recipe
-from neftune_cli.recipe.schema import Recipe
+from neftune_cli.recipe.load import saved_recipe, stable_hash
+from neftune_cli.recipe.schema import ModelSection, Recipe
 from neftune_cli.train import parallel
 from neftune_cli.train.checkpoint import Checkpoint
 
@@ -20,7 +21,8 @@ RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "
 
 
 def check_resumable(checkpoint: Checkpoint, recipe: Recipe, data: PreparedData, force: bool,
-                    dist: parallel.Dist = parallel.SINGLE) -> None:
+                    dist: parallel.Dist = parallel.SINGLE) -> list[str]:
+    """The changes since the checkpoint's setup that --force lets through; without --force any change is refused."""
     meta = checkpoint.meta
     written_by = meta.get("world_size", 1)
     if written_by != dist.world:  # each process's noise, dropout and data position belong to that process
@@ -28,12 +30,16 @@ def check_resumable(checkpoint: Checkpoint, recipe: Recipe, data: PreparedData, 
                          f"same number (this run has {dist.world})")
     changes = []
     before, now = with_defaults(meta["recipe"]), saved_recipe(recipe.model_dump(mode="json"))
-    if meta["data_fingerprint"] == data.fingerprint:  # the same data (by content): where it lives is no change
-        before, now = _without_locations(before), _without_locations(now)
-    before, now = flatten(before), flatten(now)
+    # The same data or model folder (by what it holds) where a moved project put it is no change.
+    same_data = meta["data_fingerprint"] == data.fingerprint
+    model_was, model_is = meta.get("model_identity"), folder_identity(recipe.model)  # None: not a local folder
+    before, now = (flatten(_without_locations(tree, same_data, model_was is not None and model_was == model_is))
+                   for tree in (before, now))
     for key in sorted(set(before) | set(now)):
         if key not in RESUME_SAFE_KEYS and before.get(key) != now.get(key):
             changes.append(f"{key}: {json.dumps(before.get(key))} -> {json.dumps(now.get(key))}")
+    if model_was is not None and model_is is not None and model_was != model_is:
+        changes.append("model.name_or_path: the folder's config or weight files changed")
     if meta["tokenizer_fingerprint"] != data.tokenizer_fingerprint:
         changes.append("the tokenizer changed")
     elif meta["data_fingerprint"] != data.fingerprint:
@@ -43,18 +49,34 @@ def check_resumable(checkpoint: Checkpoint, recipe: Recipe, data: PreparedData, 
                          f"({'; '.join(changes)}); undo the change or add --force")
     for change in changes:
         log(f"warning: resuming despite a change (--force): {change}")
+    return changes
 
 
-def _without_locations(tree: dict) -> dict:
-    """The recipe without the data's paths and output.dir, which a moved project changes (the data fingerprint
-    covers the data's content, and output.dir is where this checkpoint was found)."""
+def _without_locations(tree: dict, data: bool, model: bool) -> dict:
+    """The recipe without the paths a moved project changes: with `data`, the data's paths and output.dir (the
+    data fingerprint covers the data's content, and output.dir is where this checkpoint was found); with `model`,
+    the model folder's."""
     tree = json.loads(json.dumps(tree))
-    tree.get("output", {}).pop("dir", None)
-    for section in ("sources", "eval_sources"):
-        for source in tree.get("data", {}).get(section) or []:
-            if isinstance(source, dict):
-                source.pop("path", None)
+    if data:
+        tree.get("output", {}).pop("dir", None)
+        for section in ("sources", "eval_sources"):
+            for source in tree.get("data", {}).get(section) or []:
+                if isinstance(source, dict):
+                    source.pop("path", None)
+    if model:
+        tree.get("model", {}).pop("name_or_path", None)
     return tree
+
+
+def folder_identity(spec: ModelSection) -> str | None:
+    """A local model folder by what it holds: its config and its weight files' names and sizes. The same folder
+    moved or copied keeps it (a content hash would read every weight); None for a hub id or a builtin, whose name
+    is their identity."""
+    folder = Path(spec.name_or_path)
+    if not (folder / "config.json").is_file():
+        return None
+    weights = sorted((f.name, f.stat().st_size) for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+    return stable_hash({"config": json.loads((folder / "config.json").read_text(encoding="utf-8")), "weights": weights})
 
 
 def with_defaults(saved: dict) -> dict:
