@@ -644,6 +644,15 @@ def test_resume_after_moving_the_project_folder(cli, work, tmp_path_factory):
     assert code == 2 and "the data changed" in one_error(err)
 
 
+def test_a_model_folder_that_is_not_there_is_named_by_every_command_that_serves(cli, work):
+    missing = work / "no-such-model"
+    for command in (("generate", missing, "--prompts", prompts(work), "--out", work / "a.json", *GENERATE),
+                    ("eval", missing, "--data", work / "train.jsonl"), ("chat", missing)):
+        code, _, err = cli(*command)
+        assert code == 2, (command, err)
+        one_error(err, str(missing), "folder not found")
+
+
 def test_resume_after_moving_a_project_with_its_model_folder(cli, work, tiny_model_dir, tmp_path_factory):
     import shutil
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from neftune_cli.data.sources import looks_like_path
 from neftune_cli.data.templates import alpaca_jinja
 from neftune_cli.io.errors import UsageError, first_line
 from neftune_cli.models.loading import load_base_model, load_tokenizer, named_weights_errors
@@ -74,10 +75,18 @@ def resolve(spec: str, template: str | None = None) -> Target:
             raise UsageError(f"--template: {spec} is a training run; its prompts use the template it was trained "
                              "with (--template is for plain models)")
         return _run_target(path)
+    if _missing_folder(spec):
+        raise UsageError(f"{spec}: folder not found (expected a run dir, a checkpoint, a model folder, a hub id or "
+                         "builtin:NAME)")
     model = ModelSection(name_or_path=spec)
     tokenizer = load_tokenizer(model)
     data = plain_data_section(template or ("alpaca" if _is_alpaca_twin(tokenizer) else "chat"))
     return Target(name=path.name or spec, model=model, data=data, loaded_tokenizer=tokenizer)
+
+
+def _missing_folder(name: str) -> bool:
+    """A local path that is not there; said so here, since the hub client would take it for a malformed repo id."""
+    return looks_like_path(name) and not Path(name).expanduser().exists()
 
 
 def _is_alpaca_twin(tokenizer) -> bool:
@@ -106,10 +115,9 @@ def _run_target(path: Path) -> Target:
             hint = f"; use its latest checkpoint: {latest}" if latest else " and no checkpoint yet"
             raise UsageError(f"{path} is a training run with no final/ (stopped early?){hint}")
     if (weights / ADAPTER_CONFIG).is_file():
-        base = Path(recipe.model.name_or_path)
-        if base.is_absolute() and not base.exists():  # else the hub client takes it for a malformed repo id
-            raise UsageError(f"{where}: model.name_or_path: folder not found: {base} (the base model this run "
-                             "trained on; if it moved, write its new path there)")
+        if _missing_folder(recipe.model.name_or_path):
+            raise UsageError(f"{where}: model.name_or_path: folder not found: {recipe.model.name_or_path} (the base "
+                             "model this run trained on; if it moved, write its new path there)")
         return Target(name, recipe.model, recipe.data, recipe, adapter=weights)
     if not (weights / "config.json").is_file():  # else transformers takes the folder for a hub id
         raise UsageError(f"{weights}: holds neither an adapter ({ADAPTER_CONFIG}) nor a model (config.json); the "

@@ -250,8 +250,6 @@ def lookup(tree: Any, dotted: str) -> Any:
     return tree
 
 
-
-
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as a run records it, so that it validates when read back: lora: null under finetune:
     full (its default section would be refused as one given)."""
